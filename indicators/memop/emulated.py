@@ -1,0 +1,298 @@
+"""An exact emulation of the upstream (6.3) KVM_S390_MEM_OP cmpxchg on mapped memory.
+
+:class:`EmulatedBackend` runs the kernel's validation steps in the kernel's
+order, keeps one storage key per 4 KiB page (ACC, F, R, C), and performs the
+exchange with a real hardware compare-and-swap on a :class:`GuestMemory`
+mapping, so a real guest sharing that RAM, other threads and other processes
+all see correct atomics.  Sizes 1 and 2 are done as the kernel does them: CS
+on the containing aligned 4-byte word, retried while only neighbouring bytes
+changed, ``-EAGAIN`` after 128 such rounds.
+
+Deliberate differences from a kernel (none of them visible through the
+cmpxchg):
+
+- a multi-page :meth:`EmulatedBackend.write` checks every page before
+  storing anything, where the kernel may store the pages before a faulting
+  one;
+- host stores through the mapping by other parties do not set R and C (they
+  do not on a real QEMU guest either).
+
+A :class:`FaultInjector` can add ``-EAGAIN`` at random and force protection
+on address ranges, for tests and demonstrations.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from dataclasses import dataclass, field
+
+from ..abi import (
+    MEM_OP_MAX_SIZE,
+    PAGE_SHIFT,
+    PGM_ADDRESSING,
+    PGM_PROTECTION,
+    SKEY_ACC_MASK,
+    SKEY_C,
+    SKEY_FP,
+    SKEY_R,
+    SKEY_RESERVED,
+)
+from ..guestmem import GuestMemory
+from .base import (
+    CmpxchgResult,
+    MemopBackend,
+    MemopError,
+    ProgramException,
+    TransientError,
+)
+
+__all__ = ["EmulatedBackend", "FaultInjector"]
+
+#: Rounds a 1- or 2-byte cmpxchg retries while only neighbouring bytes change.
+MAX_NEIGHBOUR_ROUNDS = 128
+
+_RC = SKEY_R | SKEY_C
+
+
+@dataclass
+class FaultInjector:
+    """Opt-in faults: random ``-EAGAIN`` and forced protection on ranges.
+
+    ``eagain_probability`` applies to cmpxchg of the sizes in
+    ``eagain_sizes`` (by default 1 and 2, the only sizes a kernel makes
+    transient).  ``protected`` ranges ``(start, end)`` refuse every store with
+    program exception 4, whatever the key.  ``injected`` counts what fired.
+    """
+
+    eagain_probability: float = 0.0
+    eagain_sizes: frozenset[int] = frozenset({1, 2})
+    protected: list[tuple[int, int]] = field(default_factory=list)
+    seed: int | None = None
+    injected: dict[str, int] = field(default_factory=lambda: {"eagain": 0, "protection": 0})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eagain_probability <= 1.0:
+            raise ValueError(f"eagain_probability {self.eagain_probability} is outside 0..1")
+        self._random = random.Random(self.seed)
+
+    def protect(self, start: int, size: int) -> None:
+        """Force protection on ``[start, start + size)``."""
+        self.protected.append((start, start + size))
+
+    def is_protected(self, gaddr: int, size: int) -> bool:
+        """Whether a store to ``[gaddr, gaddr + size)`` touches a protected range."""
+        end = gaddr + size
+        return any(start < end and gaddr < stop for start, stop in self.protected)
+
+    def store_protected(self, gaddr: int, size: int) -> bool:
+        """Decide (and count) a forced protection fault for a store."""
+        if self.protected and self.is_protected(gaddr, size):
+            self.injected["protection"] += 1
+            return True
+        return False
+
+    def transient(self, size: int) -> bool:
+        """Decide (and count) an injected ``-EAGAIN`` for a cmpxchg of ``size``."""
+        if (
+            self.eagain_probability
+            and size in self.eagain_sizes
+            and self._random.random() < self.eagain_probability
+        ):
+            self.injected["eagain"] += 1
+            return True
+        return False
+
+
+class EmulatedBackend(MemopBackend):
+    """Guest absolute memory with the upstream cmpxchg semantics and storage keys.
+
+    ``memory_size`` bytes, anonymous unless ``path`` names a RAM file (created
+    when it does not exist).  Every page starts with storage key 0.
+    """
+
+    def __init__(
+        self,
+        memory_size: int,
+        *,
+        path: str | None = None,
+        faults: FaultInjector | None = None,
+    ) -> None:
+        create = path is not None and not os.path.exists(path)
+        self.memory = GuestMemory(memory_size, path, create=create)
+        self.memory_size = memory_size
+        self.faults = faults
+        self._keys = bytearray(memory_size >> PAGE_SHIFT)
+        self._readonly: set[int] = set()
+
+    # ------------------------------------------------------------ storage keys
+
+    def set_storage_key(self, gaddr: int, key: int) -> None:
+        """Set the storage key byte of the page holding ``gaddr`` (as SSKE would)."""
+        page = self._page(gaddr)
+        if not 0 <= key <= 0xFF or key & SKEY_RESERVED:
+            raise ValueError(f"storage key {key:#x} for gaddr {gaddr:#x} is not a valid key byte")
+        self._keys[page] = key
+
+    def get_storage_key(self, gaddr: int) -> int:
+        """The storage key byte (ACC | F | R | C) of the page holding ``gaddr``."""
+        return self._keys[self._page(gaddr)]
+
+    def set_readonly(self, gaddr: int, size: int, readonly: bool = True) -> None:
+        """Mark the pages of ``[gaddr, gaddr + size)`` as a read-only memslot."""
+        pages = range(self._page(gaddr), self._page(gaddr + size - 1) + 1)
+        if readonly:
+            self._readonly.update(pages)
+        else:
+            self._readonly.difference_update(pages)
+
+    def _page(self, gaddr: int) -> int:
+        if not 0 <= gaddr < self.memory_size:
+            raise ValueError(f"gaddr {gaddr:#x} is outside guest memory ({self.memory_size:#x})")
+        return gaddr >> PAGE_SHIFT
+
+    # ----------------------------------------------------------------- cmpxchg
+
+    def cmpxchg(
+        self, gaddr: int, size: int, old: int, new: int, key: int | None = None
+    ) -> CmpxchgResult:
+        """The upstream cmpxchg, step by step in the kernel's order (see the spec)."""
+        # Steps 1-2: size and key.
+        if not 0 < size <= 16 or (key is not None and not 0 <= key <= 15):
+            self._reject_arguments(gaddr, size, old, key)
+        # Step 3: the operands must be representable (the kernel copies them in).
+        bits = size << 3
+        if old < 0 or new < 0 or old >> bits or new >> bits or not 0 <= gaddr < 1 << 64:
+            self._reject_operands(gaddr, size, old, new)
+        # Step 4: addressing is checked on the page of gaddr, before alignment.
+        if gaddr >= self.memory_size:
+            raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=old)
+        # Step 5: alignment, power-of-two size, writable memslot.
+        if gaddr & (size - 1) or size & (size - 1):
+            raise MemopError(
+                errno.EINVAL,
+                "address not aligned to the size, or size not 1/2/4/8/16",
+                gaddr=gaddr,
+                size=size,
+                key=key,
+                old=old,
+            )
+        page = gaddr >> PAGE_SHIFT
+        if self._readonly and page in self._readonly:
+            raise MemopError(
+                errno.EOPNOTSUPP, "read-only memslot", gaddr=gaddr, size=size, key=key, old=old
+            )
+        # Step 6: a cmpxchg is a store; a non-zero key must equal ACC.
+        keys = self._keys
+        skey = keys[page]
+        faults = self.faults
+        if (key and skey & SKEY_ACC_MASK != key << 4) or (
+            faults is not None and faults.store_protected(gaddr, size)
+        ):
+            raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
+        if faults is not None and faults.transient(size):
+            raise TransientError(gaddr=gaddr, size=size, key=key, old=old)
+        # Step 7: the exchange.
+        if size >= 4:
+            exchanged, seen = self.memory.cas(gaddr, size, old, new)
+        else:
+            exchanged, seen = self._cas_in_word(gaddr, size, old, new, key)
+        if exchanged:
+            if skey & _RC != _RC:
+                keys[page] = skey | _RC
+        elif not skey & SKEY_R:
+            keys[page] = skey | SKEY_R
+        return CmpxchgResult(exchanged, seen)
+
+    def _cas_in_word(
+        self, gaddr: int, size: int, old: int, new: int, key: int | None
+    ) -> tuple[bool, int]:
+        """CS on the aligned word holding the 1 or 2 target bytes, as the kernel does."""
+        word = gaddr & ~3
+        shift = (4 - (gaddr & 3) - size) << 3
+        mask = ((1 << (size << 3)) - 1) << shift
+        mem = self.memory
+        current = mem.load(word, 4)
+        for _ in range(MAX_NEIGHBOUR_ROUNDS):
+            seen = (current & mask) >> shift
+            if seen != old:
+                return False, seen
+            exchanged, current = mem.cas(word, 4, current, (current & ~mask) | new << shift)
+            if exchanged:
+                return True, old
+        raise TransientError(gaddr=gaddr, size=size, key=key, old=(current & mask) >> shift)
+
+    def _reject_arguments(self, gaddr: int, size: int, old: int, key: int | None) -> None:
+        """Raise the error of kernel steps 1 and 2 for a bad size or key."""
+        _check_size_and_key(gaddr, size, key, old)
+        raise MemopError(
+            errno.EINVAL, "cmpxchg size over 16", gaddr=gaddr, size=size, key=key, old=old
+        )
+
+    @staticmethod
+    def _reject_operands(gaddr: int, size: int, old: int, new: int) -> None:
+        for name, value in (("old", old), ("new", new)):
+            if not 0 <= value < 1 << (size << 3):
+                raise ValueError(f"{name} value {value:#x} does not fit in {size} bytes")
+        raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
+
+    # ------------------------------------------------------------ read / write
+
+    def read(self, gaddr: int, size: int, key: int | None = None) -> bytes:
+        """Absolute fetch: protection only when the key differs and F is set."""
+        pages = self.check_access(gaddr, size, key, store=False)
+        keys = self._keys
+        for page in pages:
+            keys[page] |= SKEY_R
+        return self.memory.read(gaddr, size)
+
+    def write(self, gaddr: int, data: bytes, key: int | None = None) -> None:
+        """Absolute store: protection when a non-zero key differs from ACC."""
+        pages = self.check_access(gaddr, len(data), key, store=True)
+        keys = self._keys
+        for page in pages:
+            keys[page] |= _RC
+        self.memory.write(gaddr, data)
+
+    def check_access(self, gaddr: int, size: int, key: int | None, *, store: bool) -> range:
+        """Validate an absolute read or write; return the pages it touches."""
+        _check_size_and_key(gaddr, size, key, 0)
+        if gaddr < 0:
+            raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
+        if gaddr + size > self.memory_size:
+            raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=0)
+        pages = range(gaddr >> PAGE_SHIFT, ((gaddr + size - 1) >> PAGE_SHIFT) + 1)
+        if store and self._readonly and any(p in self._readonly for p in pages):
+            raise MemopError(errno.EOPNOTSUPP, "read-only memslot", gaddr=gaddr, size=size, key=key)
+        protected = False
+        if key:
+            acc = key << 4
+            protected = any(
+                self._keys[p] & SKEY_ACC_MASK != acc and (store or self._keys[p] & SKEY_FP)
+                for p in pages
+            )
+        if protected or (
+            store and self.faults is not None and self.faults.store_protected(gaddr, size)
+        ):
+            raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
+        return pages
+
+    # ---------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Unmap the memory."""
+        self.memory.close()
+
+
+def _check_size_and_key(gaddr: int, size: int, key: int | None, old: int) -> None:
+    """Kernel step 1, common to every VM memop: size 0, size over the maximum, key."""
+    reason, code = None, errno.EINVAL
+    if size <= 0:
+        reason = "size 0"
+    elif size > MEM_OP_MAX_SIZE:
+        reason, code = f"size over {MEM_OP_MAX_SIZE}", errno.E2BIG
+    elif key is not None and not 0 <= key <= 15:
+        reason = "access key outside 0..15"
+    if reason is not None:
+        raise MemopError(code, reason, gaddr=gaddr, size=size, key=key, old=old)
