@@ -1,0 +1,122 @@
+"""The adapter model: devices and adapters resolved to guest addresses.
+
+:func:`build_model` turns a validated :class:`~indicators.config.Config` into
+an :class:`AdapterModel`: each :class:`Device` knows, per vector, the byte
+and mask of its dsci bit, and where its summary bit is; devices are grouped
+into :class:`Adapter` objects the way QEMU groups them (a type and an ISC,
+adapter id ``type << 3 | isc``; KVM routes carry their own adapter id).
+
+Addresses here are final: the engine only looks them up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .config import Config, DeviceConfig, KvmRouteDevice, ZpciDevice
+
+__all__ = ["ADAPTER_TYPES", "Adapter", "AdapterModel", "Bit", "Device", "build_model"]
+
+#: QEMU's adapter types (hw/s390x/css.h: CSS_IO_ADAPTER_VIRTIO, _PCI).
+ADAPTER_TYPES = {"virtio-ccw": 0, "zpci": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Bit:
+    """One indicator bit: the byte that holds it and the MSB-0 mask in that byte."""
+
+    gaddr: int
+    mask: int
+
+    @classmethod
+    def at(cls, absolute: int) -> Bit:
+        """The bit with absolute MSB-0 number ``absolute`` (byte ``absolute // 8``)."""
+        return cls(absolute >> 3, 0x80 >> (absolute & 7))
+
+
+@dataclass(eq=False)
+class Adapter:
+    """An I/O adapter: what an adapter interrupt is raised for."""
+
+    id: int
+    isc: int
+    kind: str
+    suppressible: bool
+    devices: list[Device] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """A stable label, e.g. ``virtio-ccw/3``."""
+        return f"{self.kind}/{self.id}"
+
+
+@dataclass(eq=False)
+class Device:
+    """A device whose vectors set dsci bits behind one summary bit."""
+
+    name: str
+    kind: str
+    adapter: Adapter
+    key: int | None
+    dsci: list[Bit]
+    summary: Bit
+    summary_test: Literal["byte", "bit"]
+    config: DeviceConfig
+
+    @property
+    def vectors(self) -> int:
+        """Number of vectors."""
+        return len(self.dsci)
+
+
+@dataclass
+class AdapterModel:
+    """All devices and adapters of one guest."""
+
+    devices: dict[str, Device]
+    adapters: dict[int, Adapter]
+
+    def device(self, name: str) -> Device:
+        """The device called ``name``; KeyError names the unknown device."""
+        try:
+            return self.devices[name]
+        except KeyError:
+            raise KeyError(f"unknown device {name!r}") from None
+
+    def owned_bytes(self) -> set[int]:
+        """Every guest byte that holds a configured dsci or summary bit."""
+        owned = {bit.gaddr for device in self.devices.values() for bit in device.dsci}
+        owned.update(device.summary.gaddr for device in self.devices.values())
+        return owned
+
+
+def _adapter_identity(device: DeviceConfig) -> tuple[int, str, bool]:
+    if isinstance(device, KvmRouteDevice):
+        return device.adapter_id, device.kind, device.suppressible
+    suppressible = device.suppressible if isinstance(device, ZpciDevice) else False
+    return ADAPTER_TYPES[device.kind] << 3 | device.isc, device.kind, suppressible
+
+
+def build_model(config: Config) -> AdapterModel:
+    """Resolve a validated config (see :func:`indicators.config.parse_config`)."""
+    adapters: dict[int, Adapter] = {}
+    devices: dict[str, Device] = {}
+    for spec in config.devices:
+        adapter_id, kind, suppressible = _adapter_identity(spec)
+        adapter = adapters.get(adapter_id)
+        if adapter is None:
+            adapter = adapters[adapter_id] = Adapter(adapter_id, spec.isc, kind, suppressible)
+        device = Device(
+            name=spec.name,
+            kind=spec.kind,
+            adapter=adapter,
+            key=spec.key,
+            dsci=[Bit.at(bit) for bit in spec.dsci_bits()],
+            summary=Bit.at(spec.summary_bit()),
+            summary_test=spec.summary_test,
+            config=spec,
+        )
+        adapter.devices.append(device)
+        devices[spec.name] = device
+    return AdapterModel(devices, adapters)
