@@ -30,6 +30,7 @@ import asyncio
 import errno
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -162,6 +163,9 @@ class Engine:
         self._running.set()
         self._listeners: list[Callable[[EngineEvent], None]] = []
         self._random = random.Random()
+        #: When not None, counts per (device, vector) the notifications that
+        #: found their bit clear and set it (the rest merged into a set bit).
+        self.set_counts: Counter[tuple[str, int]] | None = None
 
     # ------------------------------------------------------------- public API
 
@@ -278,11 +282,13 @@ class Engine:
             group[1].append(item)
         applied: list[_Item] = []
         for (window, key), (mask, items) in groups.items():
-            failed = await self._or_group(window, mask[0], key, items)
-            if failed is None:
-                applied.extend(items)
-            else:
+            failed, old = await self._or_group(window, mask[0], key, items)
+            if self.set_counts is not None:
+                self._count_sets(items, failed, old, window)
+            if failed:
                 applied.extend(item for item in items if id(item) not in failed)
+            else:
+                applied.extend(items)
         stats.merged += len(batch) - sum(bin(g[0][0]).count("1") for g in groups.values())
         # Phase 2: summaries of the applied notifications.
         sgroups: dict[tuple[int, int | None], tuple[list[int], dict[Bit, list[_Item]]]] = {}
@@ -339,20 +345,34 @@ class Engine:
             self._emit(EngineEvent("failed", item[0].adapter, error))
         item[2].done(item[3], error)
 
+    def _count_sets(self, items: list[_Item], failed: set[int], old: int, window: int) -> None:
+        assert self.set_counts is not None
+        for item in items:
+            if id(item) in failed:
+                continue
+            bit = item[0].dsci[item[1]]
+            image = bit.mask << ((15 - (bit.gaddr - window)) << 3)
+            if not old & image:
+                self.set_counts[(item[0].name, item[1])] += 1
+                old |= image  # later items of the batch on the same bit merged
+
     async def _or_group(
         self, window: int, mask: int, key: int | None, items: list[_Item]
-    ) -> set[int] | None:
+    ) -> tuple[set[int], int]:
         """OR one window's dsci bits; on failure, retry byte by byte to fail only the
-        notifications whose own byte cannot be set.  Returns ids of failed items."""
+        notifications whose own byte cannot be set.
+
+        Returns the ids of the failed items and the window's image before the OR.
+        """
         try:
-            await self._or_window(window, mask, key)
-            return None
+            return set(), await self._or_window(window, mask, key)
         except _Failure as failure:
             if mask.bit_length() - 1 >> 3 == (mask & -mask).bit_length() - 1 >> 3:
                 for item in items:
                     self._finish(item, failure.for_item(item[0], item[1]))
-                return {id(item) for item in items}
+                return {id(item) for item in items}, 0
         failed: set[int] = set()
+        old = 0
         by_byte: dict[int, list[_Item]] = {}
         for item in items:
             by_byte.setdefault(item[0].dsci[item[1]].gaddr, []).append(item)
@@ -361,12 +381,12 @@ class Engine:
             for device, vector, _, _ in byte_items:
                 bits |= device.dsci[vector].mask
             try:
-                await self._or_bits(gaddr, 1, bits, key)
+                old |= await self._or_bits(gaddr, 1, bits, key) << ((15 - (gaddr - window)) << 3)
             except _Failure as failure:
                 for item in byte_items:
                     self._finish(item, failure.for_item(item[0], item[1]))
                     failed.add(id(item))
-        return failed
+        return failed, old
 
     async def _or_window(self, window: int, mask: int, key: int | None) -> int:
         """OR ``mask`` (a 128-bit big-endian image of the window) with one cmpxchg
