@@ -1,0 +1,399 @@
+"""The indicator engine against the emulated backend, with a simulated guest clearing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from indicators.adapters import AdapterModel, build_model
+from indicators.config import RetryPolicy, parse_config
+from indicators.engine import Engine, NotifyError
+from indicators.memop import CmpxchgResult, EmulatedBackend, FaultInjector, MemopBackend
+from indicators.simguest import SimulatedGuest
+from indicators.sinks import QueueSink
+
+MEMORY = 1 << 16
+
+
+def virtio(name: str, summary: int, dsci: int, vectors: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "virtio-ccw", "summary_indicator": summary,
+            "device_indicator": dsci, "vectors": vectors, **extra}  # fmt: skip
+
+
+def zpci(name: str, aisb: int, aisbo: int, aibv: int, noi: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "zpci", "aisb": aisb, "aisbo": aisbo, "aibv": aibv,
+            "noi": noi, "isc": extra.pop("isc", 2), **extra}  # fmt: skip
+
+
+def make(devices: list[dict[str, Any]], **backend: Any) -> tuple[AdapterModel, EmulatedBackend]:
+    config = parse_config(
+        {"backend": {"kind": "emulated", "memory_size": MEMORY}, "devices": devices}
+    )
+    return build_model(config), EmulatedBackend(MEMORY, **backend)
+
+
+class Recording(MemopBackend):
+    """Wraps a backend and logs every cmpxchg (a spy, not a fake: it forwards)."""
+
+    def __init__(self, inner: MemopBackend, log: list[tuple[str, int]]) -> None:
+        self.inner = inner
+        self.log = log
+
+    def cmpxchg(self, gaddr: int, size: int, old: int, new: int, key: int | None = None) -> Any:
+        self.log.append(("cmpxchg", gaddr))
+        return self.inner.cmpxchg(gaddr, size, old, new, key)
+
+    def read(self, gaddr: int, size: int, key: int | None = None) -> bytes:
+        return self.inner.read(gaddr, size, key)
+
+    def write(self, gaddr: int, data: bytes, key: int | None = None) -> None:
+        self.inner.write(gaddr, data, key)
+
+
+class LoggingSink(QueueSink):
+    def __init__(self, log: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.log = log
+
+    def inject(self, adapter: Any) -> None:
+        self.log.append(("interrupt", adapter.isc))
+        super().inject(adapter)
+
+
+# --------------------------------------------------------------- basics
+
+
+async def test_notify_sets_dsci_then_summary_then_interrupt() -> None:
+    model, backend = make([virtio("net0", 0x100, 0x200, 4, key=3)])
+    backend.set_storage_key(0x0, 0x30)
+    log: list[tuple[str, int]] = []
+    engine = Engine(model, Recording(backend, log), LoggingSink(log))
+    await engine.notify("net0", 2)
+    assert backend.read(0x200, 1) == b"\x20", "vector 2 is mask 0x20 of the first byte"
+    assert backend.read(0x100, 1) == b"\x01", "the virtio summary byte gets 0x01"
+    assert log == [("cmpxchg", 0x200), ("cmpxchg", 0x100), ("interrupt", 3)]
+    assert backend.get_storage_key(0) & 0x06 == 0x06, "a store sets R and C"
+    await engine.notify("net0", 3)
+    assert log[-1] == ("cmpxchg", 0x100), "summary already set: no second interrupt"
+    assert engine.stats.interrupts_injected == 1
+
+
+async def test_unknown_device_or_vector_changes_nothing() -> None:
+    model, backend = make([virtio("net0", 0x100, 0x200, 4)])
+    engine = Engine(model, backend, QueueSink())
+    before = backend.memory.snapshot()
+    with pytest.raises(ValueError, match="unknown device 'nope'"):
+        await engine.notify_many([("net0", 0), ("nope", 0)])
+    with pytest.raises(ValueError, match=r"device 'net0' has vectors 0..3; vector 4"):
+        await engine.notify("net0", 4)
+    assert backend.memory.snapshot() == before
+    assert engine.stats.notifications == 0
+
+
+async def test_key_mismatch_fails_with_protection_and_names_everything() -> None:
+    model, backend = make([virtio("net0", 0x100, 0x1200, 4, key=5)])
+    backend.set_storage_key(0x1000, 0x30)  # the dsci page has ACC 3
+    sink = QueueSink()
+    engine = Engine(model, backend, sink)
+    with pytest.raises(NotifyError) as info:
+        await engine.notify("net0", 1)
+    error = info.value
+    assert (error.device, error.vector, error.code, error.key) == ("net0", 1, "4", 5)
+    assert error.gaddr == 0x1200 and error.size == 1
+    assert "net0" in str(error) and "0x1200" in str(error) and "key 5" in str(error)
+    assert backend.read(0x100, 1) == b"\x00", "no summary without its indicator"
+    assert backend.read(0x1200, 1) == b"\x00"
+    assert sink.count == [0] * 8
+    assert engine.stats.failures == {"4": 1}
+
+
+# ----------------------------------------------------------- coalescing
+
+
+async def test_burst_in_one_window_is_two_cmpxchg_and_one_interrupt() -> None:
+    model, backend = make([virtio("wide", 0x100, 0x200, 128)])
+    sink = QueueSink()
+    engine = Engine(model, backend, sink)
+    errors = await engine.notify_many([("wide", v) for v in range(128)])
+    assert errors == [None] * 128
+    assert backend.read(0x200, 16) == b"\xff" * 16
+    assert engine.stats.cmpxchg == 2, "one 16-byte cmpxchg for the window, one for the summary"
+    assert sum(sink.count) == 1
+
+
+async def test_burst_over_devices_sharing_a_summary_updates_it_once() -> None:
+    devices = [virtio(f"d{i}", 0x100, 0x200 + 2 * i, 16) for i in range(8)]
+    model, backend = make(devices)
+    log: list[tuple[str, int]] = []
+    sink = LoggingSink(log)
+    engine = Engine(model, Recording(backend, log), sink)
+    await engine.notify_many([(f"d{i}", v) for i in range(8) for v in range(16)])
+    assert backend.read(0x200, 16) == b"\xff" * 16
+    assert log == [("cmpxchg", 0x200), ("cmpxchg", 0x100), ("interrupt", 3)]
+
+
+async def test_bits_in_two_bytes_use_the_smallest_covering_size() -> None:
+    model, backend = make([virtio("d", 0x100, 0x200, 128)])
+    sizes: list[int] = []
+    original = backend.cmpxchg
+
+    def spy(gaddr: int, size: int, old: int, new: int, key: int | None = None) -> CmpxchgResult:
+        sizes.append(size)
+        return original(gaddr, size, old, new, key)
+
+    backend.cmpxchg = spy  # type: ignore[method-assign]
+    engine = Engine(model, backend, QueueSink())
+    for pair in ((3, 5), (7, 8), (2, 3)):  # byte numbers in the window
+        backend.write(0x100, bytes(0x200))  # the guest consumed everything
+        await engine.notify_many([("d", pair[0] * 8), ("d", pair[1] * 8 + 1)])
+    assert sizes[0::2] == [8, 16, 2], "aligned 8 covers 3..5, only 16 covers 7..8, 2 covers 2..3"
+
+
+async def test_concurrent_notifies_are_coalesced_into_batches() -> None:
+    model, backend = make([virtio("d", 0x100, 0x200, 64)])
+    engine = Engine(model, backend, QueueSink())
+    await asyncio.gather(*(engine.notify("d", v) for v in range(64)))
+    assert backend.read(0x200, 8) == b"\xff" * 8
+    assert engine.stats.cmpxchg <= 4
+
+
+# ----------------------------------------------------------- interrupts
+
+
+async def test_summary_byte_test_vs_bit_test() -> None:
+    shared = [
+        zpci("a", 0x100, 0, 0x200, 8, suppressible=False, summary_test="byte"),
+        zpci("b", 0x100, 1, 0x208, 8, suppressible=False, summary_test="byte"),
+    ]
+    model, backend = make(shared)
+    sink = QueueSink()
+    engine = Engine(model, backend, sink)
+    await engine.notify("a", 0)
+    await engine.notify("b", 0)
+    assert sink.count[2] == 1, "QEMU tests the whole summary byte: b's bit set, byte was not 0"
+    for device in shared:
+        device["summary_test"] = "bit"
+    model, backend = make(shared)
+    sink = QueueSink()
+    engine = Engine(model, backend, sink)
+    await engine.notify("a", 0)
+    await engine.notify("b", 0)
+    assert sink.count[2] == 2, "KVM tests the bit: b's summary bit was clear"
+
+
+async def test_adapter_interruption_suppression_single_and_all() -> None:
+    model, backend = make([zpci("p", 0x100, 0, 0x200, 8, isc=2)])
+    sink = QueueSink()
+    engine = Engine(model, backend, sink)
+    events: list[str] = []
+    engine.subscribe(lambda event: events.append(event.kind))
+
+    async def fresh_interrupt() -> None:
+        backend.write(0x100, b"\x00")  # the guest consumed the summary
+        await engine.notify("p", 0)
+
+    engine.set_ais_mode(2, 1)  # SINGLE: the next one goes through, then nimm
+    await fresh_interrupt()
+    await fresh_interrupt()
+    assert sink.count[2] == 1 and engine.stats.interrupts_suppressed == 1
+    assert events == ["interrupt", "suppressed"]
+    engine.set_ais_mode(2, 1)  # the guest re-arms SINGLE after its scan
+    await fresh_interrupt()
+    assert sink.count[2] == 2
+    engine.set_ais_mode(2, 0)  # ALL: never suppressed
+    await fresh_interrupt()
+    await fresh_interrupt()
+    assert sink.count[2] == 4
+    with pytest.raises(ValueError, match="AIS mode 7"):
+        engine.set_ais_mode(2, 7)
+
+
+async def test_virtio_adapters_are_not_suppressed() -> None:
+    model, backend = make([virtio("v", 0x100, 0x200, 8)])
+    sink = QueueSink()
+    engine = Engine(model, backend, sink)
+    engine.set_ais_mode(3, 1)
+    for _ in range(3):
+        backend.write(0x100, b"\x00")
+        await engine.notify("v", 0)
+    assert sink.count[3] == 3
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def test_eagain_on_half_the_calls_still_delivers_everything() -> None:
+    faults = FaultInjector(eagain_probability=0.5, eagain_sizes=frozenset({1, 2, 4, 8, 16}),
+                           seed=7)  # fmt: skip
+    model, backend = make([virtio(f"d{i}", 0x100, 0x200 + 16 * i, 8) for i in range(8)],
+                          faults=faults)  # fmt: skip
+    policy = RetryPolicy(eagain_backoff_base=1e-6, eagain_backoff_cap=1e-4, eagain_attempts=64)
+    engine = Engine(model, backend, QueueSink(), policy)
+    engine.set_counts = __import__("collections").Counter()
+    guest = SimulatedGuest(backend.memory, model)
+    guest.start()
+    rng = random.Random(1)
+    for _ in range(50):
+        batch = [(f"d{rng.randrange(8)}", rng.randrange(8)) for _ in range(rng.randrange(1, 20))]
+        assert await engine.notify_many(batch) == [None] * len(batch)
+    guest.stop()
+    assert faults.injected["eagain"] > 0 and engine.stats.eagain == faults.injected["eagain"]
+    assert guest.counts == engine.set_counts
+
+
+async def test_protected_summary_fails_after_the_indicator() -> None:
+    faults = FaultInjector()
+    faults.protect(0x100, 1)
+    model, backend = make([virtio("v", 0x100, 0x200, 8)], faults=faults)
+    engine = Engine(model, backend, QueueSink())
+    with pytest.raises(NotifyError) as info:
+        await engine.notify("v", 0)
+    assert info.value.code == "4" and info.value.gaddr == 0x100
+    assert backend.read(0x200, 1) == b"\x80", "the indicator was set before the summary"
+
+
+async def test_protected_indicator_byte_fails_only_its_notifications() -> None:
+    faults = FaultInjector()
+    model, backend = make([virtio("v", 0x100, 0x200, 32)], faults=faults)
+    faults.protect(0x201, 1)
+    engine = Engine(model, backend, QueueSink())
+    errors = await engine.notify_many([("v", 0), ("v", 8), ("v", 16)])
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], NotifyError) and errors[1].code == "4"
+    assert backend.read(0x200, 3) == b"\x80\x00\x80"
+    assert backend.read(0x100, 1) == b"\x01"
+
+
+async def test_eagain_bound_is_the_policy() -> None:
+    faults = FaultInjector(eagain_probability=1.0)
+    model, backend = make([virtio("v", 0x100, 0x200, 8)], faults=faults)
+    policy = RetryPolicy(eagain_attempts=5, eagain_backoff_base=1e-6, eagain_backoff_cap=1e-5)
+    engine = Engine(model, backend, QueueSink(), policy)
+    with pytest.raises(NotifyError) as info:
+        await engine.notify("v", 0)
+    assert info.value.code == "EAGAIN" and engine.stats.cmpxchg == 5
+    assert backend.read(0x100, 1) == b"\x00"
+
+
+class NeverExchanges(MemopBackend):
+    """A fake that always reports a changed value (a writer that never stops)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def cmpxchg(self, gaddr: int, size: int, old: int, new: int, key: int | None = None) -> Any:
+        self.calls += 1
+        return CmpxchgResult(False, 0x01 if old != 0x01 else 0x02)
+
+    def read(self, gaddr: int, size: int, key: int | None = None) -> bytes:
+        return bytes(size)
+
+    def write(self, gaddr: int, data: bytes, key: int | None = None) -> None:
+        pass
+
+
+async def test_no_exchange_bound_is_the_policy() -> None:
+    model, _ = make([virtio("v", 0x100, 0x200, 8)])
+    fake = NeverExchanges()
+    engine = Engine(model, fake, QueueSink(), RetryPolicy(max_no_xchg_rounds=9))
+    with pytest.raises(NotifyError) as info:
+        await engine.notify("v", 0)
+    assert info.value.code == "NO_XCHG_LIMIT" and fake.calls == 9
+
+
+async def test_pause_holds_until_resume() -> None:
+    model, backend = make([virtio("v", 0x100, 0x200, 8)])
+    engine = Engine(model, backend, QueueSink())
+    engine.pause()
+    task = asyncio.create_task(engine.notify("v", 1))
+    await asyncio.sleep(0.01)
+    assert not task.done() and engine.pending == 1
+    assert backend.read(0x200, 1) == b"\x00", "nothing is written while paused"
+    engine.resume()
+    await task
+    assert backend.read(0x200, 1) == b"\x40"
+
+
+# -------------------------------------------------------- property test
+
+LAYOUT = st.lists(
+    st.tuples(
+        st.sampled_from(["virtio-ccw", "zpci", "kvm-route"]),
+        st.integers(1, 40),  # vectors
+        st.integers(0, 7),  # first bit offset
+        st.booleans(),  # share the previous device's summary
+        st.sampled_from([None, 0, 3]),  # access key
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def layout_config(layout: list[tuple[str, int, int, bool, int | None]]) -> list[dict[str, Any]]:
+    """Place devices without overlaps: indicators from 0x2000, summaries from 0x1000."""
+    devices: list[dict[str, Any]] = []
+    cursor, summary = 0x2000 * 8, 0x1000 * 8
+    for index, (kind, vectors, offset, share, key) in enumerate(layout):
+        if not (share and devices and devices[-1]["kind"] == kind):
+            summary += 8  # a byte of its own
+        byte, bit = divmod(summary, 8)
+        start = cursor + offset
+        name = f"dev{index}"
+        common: dict[str, Any] = {"name": name, "kind": kind, "key": key}
+        if kind == "virtio-ccw":
+            common.update(summary_indicator=byte, device_indicator=start // 8,
+                          ind_bit=start % 8, vectors=vectors)  # fmt: skip
+        elif kind == "zpci":
+            common.update(aisb=byte, aisbo=bit, aibv=start // 8, aibvo=start % 8, noi=vectors,
+                          isc=2)  # fmt: skip
+        else:
+            common.update(summary_addr=byte, summary_offset=bit, ind_addr=start // 8,
+                          ind_offset=start % 8, vectors=vectors, adapter_id=40, isc=5)  # fmt: skip
+        devices.append(common)
+        cursor = start + vectors + random.Random(index).randrange(0, 64)
+    return devices
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=LAYOUT, stream=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 39),
+                                                st.integers(1, 30)), min_size=1, max_size=40))  # fmt: skip
+def test_every_acknowledged_notify_is_consumed_and_nothing_else_changes(
+    layout: list[tuple[str, int, int, bool, int | None]],
+    stream: list[tuple[int, int, int]],
+) -> None:
+    from collections import Counter
+
+    devices = layout_config(layout)
+    model, backend = make(devices)
+    backend.set_storage_key(0x2000, 0x30)  # indicator pages ACC 3 (key 3 or 0/None match)
+    backend.set_storage_key(0x3000, 0x30)
+    backend.set_storage_key(0x1000, 0x30)
+    noise = bytearray(os.urandom(MEMORY))
+    for gaddr in model.owned_bytes():
+        noise[gaddr] = 0
+    backend.memory.write(0, bytes(noise))
+    guest = SimulatedGuest(backend.memory, model)
+
+    async def run() -> Counter[tuple[str, int]]:
+        engine = Engine(model, backend, QueueSink())
+        engine.set_counts = Counter()
+        guest.start()
+        names = list(model.devices)
+        for device_index, vector, repeat in stream:
+            device = model.devices[names[device_index % len(names)]]
+            batch = [(device.name, (vector + i) % device.vectors) for i in range(repeat)]
+            assert await engine.notify_many(batch) == [None] * len(batch)
+        guest.stop()
+        return engine.set_counts
+
+    set_counts = asyncio.run(run())
+    assert guest.counts == set_counts, "every bit the engine set was consumed exactly once"
+    after = backend.memory.snapshot()
+    changed = [i for i in range(MEMORY) if after[i] != noise[i]]
+    assert changed == [], f"bytes outside the indicators changed: {changed[:8]}"
