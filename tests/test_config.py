@@ -87,9 +87,7 @@ def test_valid_config_resolves_addresses_msb0() -> None:
 
 def test_devices_of_one_type_and_isc_share_an_adapter() -> None:
     raw = copy.deepcopy(BASE)
-    raw["devices"].append(
-        {**raw["devices"][0], "name": "net1", "device_indicator": 0x2100}
-    )
+    raw["devices"].append({**raw["devices"][0], "name": "net1", "device_indicator": 0x2100})
     model = build_model(parse_config(raw))
     assert model.device("net0").adapter is model.device("net1").adapter
     assert len(model.adapters) == 3
@@ -110,7 +108,9 @@ def test_devices_of_one_type_and_isc_share_an_adapter() -> None:
         ("devices.0.summary_test", "word", "device 'net0'.summary_test", "'byte' or 'bit'"),
     ],
 )
-def test_field_rules_name_the_device_and_field(path: str, value: Any, where: str, what: str) -> None:
+def test_field_rules_name_the_device_and_field(
+    path: str, value: Any, where: str, what: str
+) -> None:
     text = errors_of(with_change(path, value))
     assert where in text, f"error should name {where!r}: {text}"
     assert what in text, f"error should say {what!r}: {text}"

@@ -360,9 +360,13 @@ def layout_config(layout: list[tuple[str, int, int, bool, int | None]]) -> list[
     return devices
 
 
+STREAM = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(0, 39), st.integers(1, 30)), min_size=1, max_size=40
+)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layout=LAYOUT, stream=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 39),
-                                                st.integers(1, 30)), min_size=1, max_size=40))  # fmt: skip
+@given(layout=LAYOUT, stream=STREAM)
 def test_every_acknowledged_notify_is_consumed_and_nothing_else_changes(
     layout: list[tuple[str, int, int, bool, int | None]],
     stream: list[tuple[int, int, int]],
