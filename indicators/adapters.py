@@ -12,7 +12,7 @@ Addresses here are final: the engine only looks them up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .config import Config, DeviceConfig, KvmRouteDevice, ZpciDevice
 
@@ -22,8 +22,7 @@ __all__ = ["ADAPTER_TYPES", "Adapter", "AdapterModel", "Bit", "Device", "build_m
 ADAPTER_TYPES = {"virtio-ccw": 0, "zpci": 1}
 
 
-@dataclass(frozen=True, slots=True)
-class Bit:
+class Bit(NamedTuple):
     """One indicator bit: the byte that holds it and the MSB-0 mask in that byte."""
 
     gaddr: int

@@ -33,9 +33,10 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
-from .adapters import Adapter, AdapterModel, Bit, Device
+from .adapters import Adapter, AdapterModel, Device
 from .config import RetryPolicy
 from .memop import MemopBackend, MemopError, ProgramException, TransientError
 from .sinks import InterruptSink
@@ -119,25 +120,36 @@ class _Failure(Exception):
 
 
 class _Ticket:
-    """One caller's wait: resolved when all its notifications are done."""
+    """One caller's batch: every item is applied or failed within one flush."""
 
-    __slots__ = ("errors", "future", "remaining")
+    __slots__ = ("entries", "errors", "future")
 
-    def __init__(self, future: asyncio.Future[list[NotifyError | None]], count: int) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[list[NotifyError | None]],
+        entries: list[tuple[Device, int]],
+    ) -> None:
         self.future = future
-        self.remaining = count
-        self.errors: list[NotifyError | None] = [None] * count
+        self.entries = entries
+        self.errors: list[NotifyError | None] = [None] * len(entries)
 
-    def done(self, index: int, error: NotifyError | None) -> None:
-        if error is not None:
-            self.errors[index] = error
-        self.remaining -= 1
-        if not self.remaining and not self.future.done():
+    def fail(self, index: int, error: NotifyError) -> None:
+        self.errors[index] = error
+
+    def resolve(self) -> None:
+        if not self.future.done():
             self.future.set_result(self.errors)
 
 
-# (device, vector, ticket, index in the ticket)
-_Item = tuple[Device, int, _Ticket, int]
+# (ticket, index in the ticket, device, vector)
+_Item = tuple[_Ticket, int, Device, int]
+# A 16-byte window and the access key a cmpxchg on it runs under.
+_WindowKey = tuple[int, int | None]
+
+
+def _window_image(gaddr: int, mask: int) -> tuple[int, int]:
+    """The 16-byte window holding ``gaddr`` and ``mask`` placed in its 128-bit image."""
+    return gaddr & ~15, mask << ((15 - (gaddr & 15)) << 3)
 
 
 class Engine:
@@ -157,12 +169,21 @@ class Engine:
         self.stats = EngineStats()
         self.simm = 0  # per-ISC masks, 0x80 >> isc
         self.nimm = 0
-        self._pending: list[_Item] = []
+        self._pending: list[_Ticket] = []
         self._flusher: asyncio.Task[None] | None = None
         self._running = asyncio.Event()
         self._running.set()
         self._listeners: list[Callable[[EngineEvent], None]] = []
         self._random = random.Random()
+        # The last value seen per (gaddr, size): the next cmpxchg's guess.
+        self._seen: dict[tuple[int, int], int] = {}
+        # Per device, per vector: ((window, key), image of the dsci bit in the window).
+        self._slots: dict[Device, list[tuple[_WindowKey, int]]] = {}
+        for device in model.devices.values():
+            self._slots[device] = [
+                ((window, device.key), image)
+                for window, image in (_window_image(b.gaddr, b.mask) for b in device.dsci)
+            ]
         #: When not None, counts per (device, vector) the notifications that
         #: found their bit clear and set it (the rest merged into a set bit).
         self.set_counts: Counter[tuple[str, int]] | None = None
@@ -181,17 +202,29 @@ class Engine:
         Every item is validated first: an unknown device or a vector out of
         range raises ValueError and nothing is applied.
         """
-        resolved = [(self._resolve(name, vector), vector) for name, vector in items]
-        if not resolved:
+        devices = self.model.devices
+        entries: list[tuple[Device, int]] = []
+        for name, vector in items:
+            device = devices.get(name)
+            if device is None or not 0 <= vector < len(device.dsci):
+                self._reject(name, vector)
+            entries.append((device, vector))  # type: ignore[arg-type]
+        if not entries:
             return []
-        ticket = _Ticket(asyncio.get_running_loop().create_future(), len(resolved))
-        self.stats.notifications += len(resolved)
-        self._pending.extend(
-            (device, vector, ticket, index) for index, (device, vector) in enumerate(resolved)
-        )
+        ticket = _Ticket(asyncio.get_running_loop().create_future(), entries)
+        self.stats.notifications += len(entries)
+        self._pending.append(ticket)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return await asyncio.shield(ticket.future)
+
+    def _reject(self, name: str, vector: int) -> None:
+        device = self.model.devices.get(name)
+        if device is None:
+            raise ValueError(f"unknown device {name!r}")
+        raise ValueError(
+            f"device {name!r} has vectors 0..{len(device.dsci) - 1}; vector {vector} is not one"
+        )
 
     def subscribe(self, listener: Callable[[EngineEvent], None]) -> None:
         """Call ``listener`` for every interrupt, suppression and failure."""
@@ -213,7 +246,7 @@ class Engine:
     @property
     def pending(self) -> int:
         """Notifications accepted but not yet applied."""
-        return len(self._pending)
+        return sum(len(ticket.entries) for ticket in self._pending)
 
     async def drain(self) -> None:
         """Wait until every accepted notification has been applied or has failed."""
@@ -238,16 +271,6 @@ class Engine:
         """Clear every ISC's simm and nimm, as a FLIC reset does."""
         self.simm = self.nimm = 0
 
-    def _resolve(self, name: str, vector: int) -> Device:
-        device = self.model.devices.get(name)
-        if device is None:
-            raise ValueError(f"unknown device {name!r}")
-        if not 0 <= vector < len(device.dsci):
-            raise ValueError(
-                f"device {name!r} has vectors 0..{len(device.dsci) - 1}; vector {vector} is not one"
-            )
-        return device
-
     # ------------------------------------------------------------ the batches
 
     async def _flush(self) -> None:
@@ -260,100 +283,102 @@ class Engine:
                 try:
                     await self._apply(batch)
                 except BaseException as exc:  # never leave a caller waiting
-                    for device, vector, ticket, index in batch:
-                        error = NotifyError(device.name, vector, "INTERNAL", f"engine: {exc!r}")
-                        ticket.done(index, error)
+                    for ticket in batch:
+                        for index, (device, vector) in enumerate(ticket.entries):
+                            error = NotifyError(device.name, vector, "INTERNAL", f"engine: {exc!r}")
+                            ticket.fail(index, error)
+                        ticket.resolve()
                     raise
+                for ticket in batch:
+                    ticket.resolve()
         finally:
             self._flusher = None
 
-    async def _apply(self, batch: list[_Item]) -> None:
+    async def _apply(self, batch: list[_Ticket]) -> None:
         stats = self.stats
+        slots = self._slots
         # Phase 1: dsci bits, grouped by (16-byte window, key).
-        groups: dict[tuple[int, int | None], tuple[list[int], list[_Item]]] = {}
-        for item in batch:
-            device, vector = item[0], item[1]
-            bit = device.dsci[vector]
-            wkey = (bit.gaddr & ~15, device.key)
-            group = groups.get(wkey)
-            if group is None:
-                group = groups[wkey] = ([0], [])
-            group[0][0] |= bit.mask << ((15 - (bit.gaddr & 15)) << 3)
-            group[1].append(item)
-        applied: list[_Item] = []
+        groups: dict[_WindowKey, list[Any]] = {}
+        for ticket in batch:
+            for index, (device, vector) in enumerate(ticket.entries):
+                wkey, image = slots[device][vector]
+                group = groups.get(wkey)
+                if group is None:
+                    group = groups[wkey] = [0, []]
+                group[0] |= image
+                group[1].append((ticket, index, device, vector))
+        applied: dict[Device, None] = {}  # ordered set of devices with an applied bit
         for (window, key), (mask, items) in groups.items():
-            failed, old = await self._or_group(window, mask[0], key, items)
+            failed, old = await self._or_group(window, mask, key, items)
             if self.set_counts is not None:
                 self._count_sets(items, failed, old, window)
+            stats.merged += len(items) - mask.bit_count()
             if failed:
-                applied.extend(item for item in items if id(item) not in failed)
-            else:
-                applied.extend(items)
-        stats.merged += len(batch) - sum(bin(g[0][0]).count("1") for g in groups.values())
-        # Phase 2: summaries of the applied notifications.
-        sgroups: dict[tuple[int, int | None], tuple[list[int], dict[Bit, list[_Item]]]] = {}
-        for item in applied:
-            device = item[0]
-            bit = device.summary
-            wkey = (bit.gaddr & ~15, device.key)
-            sgroup = sgroups.get(wkey)
+                items = [item for item in items if id(item) not in failed]
+            stats.applied += len(items)
+            applied.update(dict.fromkeys(item[2] for item in items))
+        # Phase 2: the summaries of the devices with an applied bit.
+        sgroups: dict[_WindowKey, list[Any]] = {}
+        for device in applied:
+            window, image = _window_image(device.summary.gaddr, device.summary.mask)
+            sgroup = sgroups.get((window, device.key))
             if sgroup is None:
-                sgroup = sgroups[wkey] = ([0], {})
-            sgroup[0][0] |= bit.mask << ((15 - (bit.gaddr & 15)) << 3)
-            sgroup[1].setdefault(bit, []).append(item)
+                sgroup = sgroups[(window, device.key)] = [0, []]
+            sgroup[0] |= image
+            sgroup[1].append(device)
         due: dict[int, Adapter] = {}
         decisions = 0
-        for (window, key), (smask, by_bit) in sgroups.items():
+        for (window, key), (smask, devices) in sgroups.items():
             try:
-                old = await self._or_window(window, smask[0], key)
+                old = await self._or_window(window, smask, key)
             except _Failure as failure:
-                for items in by_bit.values():
-                    for item in items:
-                        self._finish(item, failure.for_item(item[0], item[1]))
+                self._fail_devices(batch, set(devices), failure)
                 continue
-            for bit, items in by_bit.items():
-                shift = (15 - (bit.gaddr & 15)) << 3
+            for device in devices:
+                shift = (15 - (device.summary.gaddr & 15)) << 3
                 old_byte = (old >> shift) & 0xFF
-                for item in items:
-                    device = item[0]
-                    was_clear = (
-                        not old_byte if device.summary_test == "byte" else not old_byte & bit.mask
-                    )
-                    if was_clear:
-                        decisions += 1
-                        due[device.adapter.id] = device.adapter
-                    self._finish(item, None)
+                test = old_byte if device.summary_test == "byte" else old_byte & device.summary.mask
+                if not test:
+                    decisions += 1
+                    due[device.adapter.id] = device.adapter
         # Phase 3: at most one interrupt per adapter per batch.
-        stats.interrupts_coalesced += decisions - len(due) if decisions > len(due) else 0
+        stats.interrupts_coalesced += decisions - len(due)
         for adapter in due.values():
             self._interrupt(adapter)
 
-    def _finish(self, item: _Item, error: NotifyError | None) -> None:
-        if error is None:
-            self.stats.applied += 1
-        else:
-            self.stats.fail(error.code, item[0].adapter.id)
-            context = {
-                "adapter": item[0].adapter.name,
-                "device": error.device,
-                "vector": error.vector,
-                "gaddr": error.gaddr,
-                "key": error.key,
-                "code": error.code,
-            }
-            log.warning("notify failed: %s", error, extra=context)
-            self._emit(EngineEvent("failed", item[0].adapter, error))
-        item[2].done(item[3], error)
+    def _fail_devices(self, batch: list[_Ticket], devices: set[Device], failure: _Failure) -> None:
+        """A summary could not be set: fail the applied notifications of ``devices``."""
+        for ticket in batch:
+            for index, (device, vector) in enumerate(ticket.entries):
+                if device in devices and ticket.errors[index] is None:
+                    self.stats.applied -= 1
+                    self._fail((ticket, index, device, vector), failure)
+
+    def _fail(self, item: _Item, failure: _Failure) -> None:
+        ticket, index, device, vector = item
+        error = failure.for_item(device, vector)
+        self.stats.fail(error.code, device.adapter.id)
+        context = {
+            "adapter": device.adapter.name,
+            "device": error.device,
+            "vector": error.vector,
+            "gaddr": error.gaddr,
+            "key": error.key,
+            "code": error.code,
+        }
+        log.warning("notify failed: %s", error, extra=context)
+        self._emit(EngineEvent("failed", device.adapter, error))
+        ticket.fail(index, error)
 
     def _count_sets(self, items: list[_Item], failed: set[int], old: int, window: int) -> None:
         assert self.set_counts is not None
         for item in items:
             if id(item) in failed:
                 continue
-            bit = item[0].dsci[item[1]]
-            image = bit.mask << ((15 - (bit.gaddr - window)) << 3)
+            bit = item[2].dsci[item[3]]
+            image = _window_image(bit.gaddr, bit.mask)[1]
             if not old & image:
-                self.set_counts[(item[0].name, item[1])] += 1
+                self.set_counts[(item[2].name, item[3])] += 1
                 old |= image  # later items of the batch on the same bit merged
 
     async def _or_group(
@@ -369,22 +394,22 @@ class Engine:
         except _Failure as failure:
             if mask.bit_length() - 1 >> 3 == (mask & -mask).bit_length() - 1 >> 3:
                 for item in items:
-                    self._finish(item, failure.for_item(item[0], item[1]))
+                    self._fail(item, failure)
                 return {id(item) for item in items}, 0
         failed: set[int] = set()
         old = 0
         by_byte: dict[int, list[_Item]] = {}
         for item in items:
-            by_byte.setdefault(item[0].dsci[item[1]].gaddr, []).append(item)
+            by_byte.setdefault(item[2].dsci[item[3]].gaddr, []).append(item)
         for gaddr, byte_items in by_byte.items():
             bits = 0
-            for device, vector, _, _ in byte_items:
+            for _, _, device, vector in byte_items:
                 bits |= device.dsci[vector].mask
             try:
                 old |= await self._or_bits(gaddr, 1, bits, key) << ((15 - (gaddr - window)) << 3)
             except _Failure as failure:
                 for item in byte_items:
-                    self._finish(item, failure.for_item(item[0], item[1]))
+                    self._fail(item, failure)
                     failed.add(id(item))
         return failed, old
 
@@ -402,9 +427,15 @@ class Engine:
         return old << shift
 
     async def _or_bits(self, gaddr: int, size: int, bits: int, key: int | None) -> int:
-        """The cmpxchg retry loop; returns the value found before the OR."""
+        """The cmpxchg retry loop; returns the value found before the OR.
+
+        The first guess is the last value seen here without ``bits``: right
+        when the guest consumed our bits since, and when they are still set
+        the compare fails and shows it, so nothing is written.
+        """
         backend, stats, policy = self.backend, self.stats, self.policy
-        current = 0
+        where = (gaddr, size)
+        current = self._seen.get(where, 0) & ~bits
         rounds = transient = 0
         while current & bits != bits:
             stats.cmpxchg += 1
@@ -424,6 +455,7 @@ class Engine:
             except MemopError as exc:
                 raise _Failure(_errno_name(exc.errno), exc.reason, gaddr, size, key, exc) from exc
             if result.exchanged:
+                self._seen[where] = current | bits
                 return current
             stats.no_xchg += 1
             rounds += 1
@@ -431,6 +463,7 @@ class Engine:
                 desc = f"no exchange after {rounds} rounds"
                 raise _Failure("NO_XCHG_LIMIT", desc, gaddr, size, key)
             current = result.old
+        self._seen[where] = current
         return current
 
     # ------------------------------------------------------------- interrupts
