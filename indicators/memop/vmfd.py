@@ -1,0 +1,116 @@
+"""Where a KVM VM file descriptor comes from.
+
+The VMM (QEMU) owns the VM fd; the daemon borrows it in one of three ways,
+written as a source string in the config:
+
+``fd:N``
+    inherited from the parent (a supervisor started us with the fd open);
+``unix:PATH``
+    received once over a unix socket as SCM_RIGHTS ancillary data;
+``pid:N``
+    taken from the VMM process with ``pidfd_open`` + ``pidfd_getfd`` (needs
+    ptrace rights over it: same uid and no Yama restriction, or
+    CAP_SYS_PTRACE), choosing the fd whose ``/proc/N/fd`` link reads
+    ``anon_inode:kvm-vm``.
+
+Every source checks that what it got is a KVM VM fd (``expect`` may name
+another anon inode, e.g. ``kvm-device`` for a FLIC fd) and returns a new fd
+that the caller owns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+
+__all__ = ["VmFdError", "acquire_fd", "fd_kind", "from_inherited", "from_pid", "from_unix_socket"]
+
+KVM_VM = "anon_inode:kvm-vm"
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture (unified table)
+
+
+class VmFdError(OSError):
+    """The VM fd could not be acquired; the message says from where and why."""
+
+
+def fd_kind(fd: int, pid: int | str = "self") -> str:
+    """What ``/proc/PID/fd/FD`` points at (``anon_inode:kvm-vm`` for a VM)."""
+    return os.readlink(f"/proc/{pid}/fd/{fd}")
+
+
+def _checked(fd: int, source: str, expect: str) -> int:
+    kind = fd_kind(fd)
+    if kind != expect:
+        os.close(fd)
+        raise VmFdError(f"{source}: the fd is {kind!r}, not {expect!r}")
+    return fd
+
+
+def from_inherited(fd: int, expect: str = KVM_VM) -> int:
+    """A duplicate of inherited fd ``fd``."""
+    try:
+        duplicate = os.dup(fd)
+    except OSError as exc:
+        raise VmFdError(f"fd:{fd}: not an open file descriptor ({exc.strerror})") from None
+    return _checked(duplicate, f"fd:{fd}", expect)
+
+
+def from_unix_socket(path: str, expect: str = KVM_VM, timeout: float = 5.0) -> int:
+    """Connect to ``path`` and receive one fd as SCM_RIGHTS."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            _, fds, _, _ = socket.recv_fds(sock, 16, 4)
+        except OSError as exc:
+            raise VmFdError(f"unix:{path}: {exc.strerror or exc}") from None
+    if not fds:
+        raise VmFdError(f"unix:{path}: the peer sent no file descriptor")
+    for extra in fds[1:]:
+        os.close(extra)
+    return _checked(fds[0], f"unix:{path}", expect)
+
+
+def from_pid(pid: int, expect: str = KVM_VM) -> int:
+    """Take the VMM's ``expect`` fd with pidfd_getfd."""
+    source = f"pid:{pid}"
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError as exc:
+        raise VmFdError(f"{source}: cannot list its fds ({exc.strerror})") from None
+    matches = []
+    for name in names:
+        try:
+            if fd_kind(int(name), pid) == expect:
+                matches.append(int(name))
+        except OSError:
+            continue  # closed meanwhile
+    if len(matches) != 1:
+        found = "none" if not matches else ", ".join(map(str, sorted(matches)))
+        raise VmFdError(f"{source}: expected exactly one {expect!r} fd, found {found}")
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, matches[0], 0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise VmFdError(
+                f"{source}: pidfd_getfd of fd {matches[0]} failed: {os.strerror(err)} "
+                f"(needs ptrace rights over the VMM: same uid, or CAP_SYS_PTRACE)"
+            )
+    finally:
+        os.close(pidfd)
+    return _checked(fd, source, expect)
+
+
+def acquire_fd(source: str, expect: str = KVM_VM) -> int:
+    """Resolve a ``fd:N`` / ``unix:PATH`` / ``pid:N`` source string."""
+    kind, _, rest = source.partition(":")
+    if kind == "fd" and rest.isdigit():
+        return from_inherited(int(rest), expect)
+    if kind == "unix" and rest:
+        return from_unix_socket(rest, expect)
+    if kind == "pid" and rest.isdigit():
+        return from_pid(int(rest), expect)
+    raise VmFdError(f"{source!r} is not fd:N, unix:PATH or pid:N")
