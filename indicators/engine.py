@@ -175,6 +175,7 @@ class Engine:
         self._running.set()
         self._listeners: list[Callable[[EngineEvent], None]] = []
         self._random = random.Random()
+        self._unavailable: str | None = None
         # The last value seen per (gaddr, size): the next cmpxchg's guess.
         self._seen: dict[tuple[int, int], int] = {}
         # Per device, per vector: ((window, key), image of the dsci bit in the window).
@@ -211,12 +212,20 @@ class Engine:
             entries.append((device, vector))  # type: ignore[arg-type]
         if not entries:
             return []
+        if self._unavailable is not None:
+            return [self._refusal(device, vector) for device, vector in entries]
         ticket = _Ticket(asyncio.get_running_loop().create_future(), entries)
         self.stats.notifications += len(entries)
         self._pending.append(ticket)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return await asyncio.shield(ticket.future)
+
+    def check_target(self, name: str, vector: int) -> None:
+        """Raise ValueError naming the problem unless ``name``/``vector`` exists."""
+        device = self.model.devices.get(name)
+        if device is None or not 0 <= vector < len(device.dsci):
+            self._reject(name, vector)
 
     def _reject(self, name: str, vector: int) -> None:
         device = self.model.devices.get(name)
@@ -225,6 +234,32 @@ class Engine:
         raise ValueError(
             f"device {name!r} has vectors 0..{len(device.dsci) - 1}; vector {vector} is not one"
         )
+
+    def _refusal(self, device: Device, vector: int) -> NotifyError:
+        error = NotifyError(device.name, vector, "UNAVAILABLE", f"guest unavailable: "
+                            f"{self._unavailable}")  # fmt: skip
+        self.stats.fail(error.code, device.adapter.id)
+        self._emit(EngineEvent("failed", device.adapter, error))
+        return error
+
+    def set_unavailable(self, reason: str) -> None:
+        """Refuse notifications (they fail with code ``UNAVAILABLE``), pending ones too."""
+        self._unavailable = reason
+        pending, self._pending = self._pending, []
+        for ticket in pending:
+            for index, (device, vector) in enumerate(ticket.entries):
+                ticket.fail(index, self._refusal(device, vector))
+            ticket.resolve()
+        self._running.set()
+
+    def set_available(self) -> None:
+        """Accept notifications again after :meth:`set_unavailable`."""
+        self._unavailable = None
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why notifications are refused, or None."""
+        return self._unavailable
 
     def subscribe(self, listener: Callable[[EngineEvent], None]) -> None:
         """Call ``listener`` for every interrupt, suppression and failure."""

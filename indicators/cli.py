@@ -1,0 +1,193 @@
+"""The ``indicators`` command line.
+
+indicators run --config FILE         the service (systemd-friendly)
+indicators config check FILE         validate a config, print a summary
+indicators config schema             the config's JSON Schema
+indicators status --socket PATH      adapters and statistics as a table
+indicators notify --socket PATH DEVICE VECTOR...
+indicators demo                      the embedded default, with live progress
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from .config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the structured fields of failures."""
+
+    FIELDS = ("adapter", "device", "vector", "gaddr", "key", "code")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .daemon.service import Service
+
+    _setup_logging(args.log_level, args.log_json)
+    config = load_config(args.config)
+    asyncio.run(Service(config, config_path=args.config).run())
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    from .adapters import build_model
+
+    model = build_model(config)
+    print(f"{args.file}: ok, backend {config.backend.kind}, {len(model.devices)} devices "
+          f"on {len(model.adapters)} adapters")  # fmt: skip
+    for adapter in model.adapters.values():
+        names = ", ".join(d.name for d in adapter.devices)
+        print(f"  adapter {adapter.id} ({adapter.kind}, isc {adapter.isc}): {names}")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(Config.model_json_schema(), indent=2))
+    return 0
+
+
+async def _client(socket_path: str) -> QMPClient:
+    client = QMPClient("indicators-cli")
+    await client.connect(socket_path)
+    return client
+
+
+async def _status(socket_path: str) -> str:
+    client = await _client(socket_path)
+    try:
+        adapters = await client.execute("query-adapters")
+        stats = await client.execute("query-stats")
+    finally:
+        await client.disconnect()
+    return format_status(adapters, stats)
+
+
+def format_status(adapters: Any, stats: Any) -> str:
+    """The ``indicators status`` table."""
+    lines = [f"{'adapter':>8} {'isc':>3} {'kind':10} {'device':16} {'key':>3} "
+             f"{'vectors':>7} {'set':>5} {'summary':>7} {'suppr':>5}"]  # fmt: skip
+    for adapter in adapters:
+        suppr = "nimm" if adapter["nimm"] else ("simm" if adapter["simm"] else "-")
+        for device in adapter["devices"]:
+            key = "-" if device["key"] is None else device["key"]
+            bits = len(device.get("indicators-set", []))
+            summary = "set" if device.get("summary-set") else "clear"
+            lines.append(f"{adapter['id']:>8} {adapter['isc']:>3} {adapter['kind']:10} "
+                         f"{device['name']:16} {key:>3} {device['vectors']:>7} {bits:>5} "
+                         f"{summary:>7} {suppr:>5}")  # fmt: skip
+    lines.append("")
+    for name in ("notifications", "applied", "merged", "cmpxchg", "no-xchg", "eagain",
+                 "interrupts-injected", "interrupts-suppressed", "interrupts-coalesced",
+                 "pending", "eventfd-signals"):  # fmt: skip
+        lines.append(f"{name:>24}: {stats.get(name)}")
+    lines.append(f"{'failures':>24}: {stats.get('failures') or 'none'}")
+    lines.append(f"{'vmm':>24}: {stats.get('vmm') or 'no link'}")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    print(asyncio.run(_status(args.socket)))
+    return 0
+
+
+async def _notify(socket_path: str, device: str, vectors: list[int]) -> Any:
+    client = await _client(socket_path)
+    try:
+        return await client.execute("notify", {"device": device, "vector": vectors})
+    finally:
+        await client.disconnect()
+
+
+def _cmd_notify(args: argparse.Namespace) -> int:
+    result = asyncio.run(_notify(args.socket, args.device, args.vectors))
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_logging("warning", False)
+    return asyncio.run(run_demo(seconds=args.seconds, rate=args.batch))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="indicators", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the service")
+    run.add_argument("--config", required=True)
+    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-json", action="store_true", help="log JSON lines")
+    run.set_defaults(func=_cmd_run)
+    config = sub.add_parser("config", help="check a config or print its schema")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_check)
+    config_sub.add_parser("schema").set_defaults(func=_cmd_schema)
+    status = sub.add_parser("status", help="adapters and statistics of a running daemon")
+    status.add_argument("--socket", required=True)
+    status.set_defaults(func=_cmd_status)
+    notify = sub.add_parser("notify", help="notify vectors of a device")
+    notify.add_argument("--socket", required=True)
+    notify.add_argument("device")
+    notify.add_argument("vectors", nargs="+", type=int)
+    notify.set_defaults(func=_cmd_notify)
+    demo = sub.add_parser("demo", help="the emulated default with a simulated guest")
+    demo.add_argument("--seconds", type=float, default=5.0)
+    demo.add_argument("--batch", type=int, default=16, help="vectors per notify command")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``indicators`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"indicators: config error: {exc}", file=sys.stderr)
+        return 2
+    except (QMPError, OSError) as exc:
+        print(f"indicators: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The daemon: wires the config's backend, adapters and engine to its sources.
+
+:class:`Service` owns one guest's engine and everything that feeds it:
+
+- the control socket (:class:`~indicators.daemon.qmp_server.QmpServer` with
+  the commands of :mod:`indicators.daemon.commands`);
+- attached eventfds (:class:`~indicators.daemon.eventfds.EventfdSources`);
+- the VMM link (:class:`~indicators.daemon.vmm.VmmLink`), which holds
+  notifications while the guest is stopped or migrating and refuses them
+  while QEMU is gone;
+- systemd notification and signals: SIGTERM/SIGINT stop gracefully (stop
+  accepting, apply every pending notification, exit), SIGHUP reloads the
+  config when the change is safe.
+
+    service = Service(load_config("guest.toml"))
+    await service.run()      # until SIGTERM, SIGINT or the quit command
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+from typing import Any
+
+from .. import __version__
+from ..adapters import build_model
+from ..config import Config, ConfigError, load_config
+from ..engine import Engine, EngineEvent
+from ..memop import EmulatedBackend
+from .commands import describe_device, register_commands
+from .eventfds import EventfdSources
+from .qmp_server import PeerCredentials, QmpServer
+from .sdnotify import Notifier
+from .vmm import VmmLink
+from .wiring import Wiring, open_backend
+
+__all__ = ["Service"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/indicators/indicators.sock"
+
+
+class Service:
+    """One guest's indicator service."""
+
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.model = build_model(config)
+        self.wiring: Wiring | None = None
+        self.engine: Engine
+        self.eventfds: EventfdSources
+        self.server: QmpServer | None = None
+        self.vmm: VmmLink | None = None
+        self.notifier = Notifier()
+        self._holds: set[str] = set()
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+        self._skeys_task: asyncio.Task[None] | None = None
+
+    @property
+    def socket_path(self) -> str:
+        """Where the control socket listens."""
+        return self.config.control.socket if self.config.control else DEFAULT_SOCKET
+
+    # ------------------------------------------------------------ lifetime
+
+    async def start(self) -> None:
+        """Open the backend, start the engine, the VMM link and the control socket."""
+        ram_path = None
+        if self.config.vmm is not None:
+            self.vmm = VmmLink(self.config.vmm, self)
+            self.vmm.start()
+            if getattr(self.config.backend, "ram", None) == "auto":
+                await self.vmm.wait_connected(30.0)
+                ram_path = await self.vmm.ram_path()
+        self.wiring = open_backend(self.config.backend, ram_path)
+        self.engine = Engine(self.model, self.wiring.backend, self.wiring.sink, self.config.retry)
+        self.engine.subscribe(self._on_engine_event)
+        for reason in self._holds:
+            self.engine.pause()
+            log.info("holding notifications: %s", reason)
+        control = self.config.control
+        self.eventfds = EventfdSources(self.engine, control.max_eventfds if control else 1024)
+        self.server = QmpServer(
+            self.socket_path,
+            mode=control.mode if control else 0o600,
+            version=_version_tuple(),
+            package=f"indicators {__version__}",
+            max_message=control.max_message if control else 65536,
+            allowed=self._admits,
+        )
+        register_commands(self.server, self)
+        await self.server.start()
+        if self.config.vmm is not None and self.config.vmm.skeys_refresh:
+            self._skeys_task = asyncio.create_task(
+                self._refresh_skeys(self.config.vmm.skeys_refresh)
+            )
+        self.notifier.ready(f"serving {len(self.model.devices)} devices on {self.socket_path}")
+        log.info("serving %d devices on %s", len(self.model.devices), self.socket_path)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, apply every pending notification, then close everything."""
+        self.notifier.stopping("finishing pending notifications")
+        engine = self._engine()
+        if engine is not None:
+            self.eventfds.stop_reading()
+            if engine.paused and engine.unavailable is None:
+                engine.resume()  # what was acknowledged as accepted must land before exit
+        if self.server is not None:
+            # No new clients or commands; in-flight notifies finish and get their replies.
+            await self.server.stop(grace)
+        if engine is not None:
+            await self.eventfds.drain()
+            await engine.drain()
+            self.eventfds.close()
+        if self._skeys_task is not None:
+            self._skeys_task.cancel()
+        if self.vmm is not None:
+            await self.vmm.stop()
+        if self.wiring is not None:
+            self.wiring.close()
+            self.wiring = None
+
+    def _engine(self) -> Engine | None:
+        """The engine once :meth:`start` made it (VMM hooks may come earlier)."""
+        return getattr(self, "engine", None)
+
+    def request_stop(self, reason: str) -> None:
+        """Ask :meth:`run` to stop (signal handlers and the quit command use this)."""
+        self._stop_reason = reason
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT/quit, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self._stop.wait()
+            log.info("stopping (%s)", self._stop_reason)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> str:
+        """Re-read the config; apply it when safe, otherwise keep the old one and say why."""
+        if self.config_path is None:
+            return self._reload_refused("the config did not come from a file")
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            return self._reload_refused(str(exc))
+        for section in ("backend", "control", "vmm"):
+            if getattr(new, section) != getattr(self.config, section):
+                return self._reload_refused(f"the [{section}] section changed; restart instead")
+        model = build_model(new)
+        for device, vector in [(e["device"], e["vector"]) for e in self.eventfds.describe()]:
+            target = model.devices.get(str(device))
+            if target is None or int(str(vector)) >= target.vectors:
+                return self._reload_refused(
+                    f"device {device!r} vector {vector} has an eventfd attached but is gone"
+                )
+        if self.engine.pending:
+            return self._reload_refused("notifications are pending; try again")
+        old = self.engine
+        engine = Engine(model, old.backend, old.sink, new.retry)
+        engine.stats, engine.simm, engine.nimm = old.stats, old.simm, old.nimm
+        for listener in old._listeners:
+            engine.subscribe(listener)
+        if old.paused:
+            engine.pause()
+        if old.unavailable is not None:
+            engine.set_unavailable(old.unavailable)
+        self.engine = self.eventfds.engine = engine
+        self.config, self.model = new, model
+        log.info("config reloaded: %d devices", len(model.devices))
+        return "reloaded"
+
+    def _reload_refused(self, why: str) -> str:
+        log.warning("config reload refused, keeping the old config: %s", why)
+        return f"refused: {why}"
+
+    # ---------------------------------------------------- VMM link hooks
+
+    def hold(self, reason: str) -> None:
+        """Hold notifications for ``reason``."""
+        self._holds.add(reason)
+        engine = self._engine()
+        if engine is not None:
+            engine.pause()
+
+    def release(self, reason: str) -> None:
+        """Drop ``reason``; resume when nothing holds any more."""
+        self._holds.discard(reason)
+        engine = self._engine()
+        if not self._holds and engine is not None:
+            engine.resume()
+
+    def unavailable(self, reason: str) -> None:
+        """QEMU is gone: fail pending and new notifications."""
+        engine = self._engine()
+        if engine is not None:
+            engine.set_unavailable(reason)
+            if self._holds:
+                engine.pause()
+
+    def available(self) -> None:
+        """QEMU is back."""
+        engine = self._engine()
+        if engine is not None:
+            engine.set_available()
+
+    def reset(self) -> None:
+        """The guest was reset: clear suppression state."""
+        engine = self._engine()
+        if engine is not None:
+            engine.reset_suppression()
+
+    def vmm_state(self, status: str, data: dict[str, Any]) -> None:
+        """Broadcast ``VMM_STATE``."""
+        if self.server is not None:
+            self.server.broadcast_event("VMM_STATE", {"status": status, **data})
+
+    async def _refresh_skeys(self, interval: float) -> None:
+        while True:
+            await self.refresh_storage_keys()
+            await asyncio.sleep(interval)
+
+    async def refresh_storage_keys(self) -> int:
+        """Load the guest's storage keys from ``dump-skeys`` into the emulated backend."""
+        backend = self.wiring.backend if self.wiring else None
+        if self.vmm is None or not isinstance(backend, EmulatedBackend):
+            return 0
+        try:
+            keys = await self.vmm.storage_keys()
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.warning("dump-skeys failed: %s", exc)
+            return 0
+        for page, key in (keys or {}).items():
+            with contextlib.suppress(ValueError):
+                backend.set_storage_key(page << 12, key & 0xFE)
+        return len(keys or {})
+
+    # ------------------------------------------------------------ reports
+
+    def _on_engine_event(self, event: EngineEvent) -> None:
+        if self.server is None:
+            return
+        adapter = event.adapter
+        if event.kind == "interrupt":
+            self.server.broadcast_event(
+                "ADAPTER_INTERRUPT", {"adapter": adapter.id, "isc": adapter.isc}
+            )
+        elif event.kind == "suppressed":
+            self.server.broadcast_event(
+                "INTERRUPT_SUPPRESSED", {"adapter": adapter.id, "isc": adapter.isc}
+            )
+        elif event.error is not None:
+            error = event.error
+            self.server.broadcast_event(
+                "NOTIFY_FAILED",
+                {
+                    "device": error.device,
+                    "vector": error.vector,
+                    "code": error.code,
+                    "desc": str(error),
+                },
+            )
+
+    def _admits(self, peer: PeerCredentials) -> bool:
+        control = self.config.control
+        uids = set(control.allowed_uids) if control and control.allowed_uids else set()
+        gids = set(control.allowed_gids) if control and control.allowed_gids else set()
+        if not uids and not gids:
+            uids = {0, os.getuid()}
+        if peer.uid in uids or peer.gid in gids:
+            return True
+        try:
+            name = grp.getgrgid(peer.gid).gr_name
+        except KeyError:
+            name = str(peer.gid)
+        log.warning("refused control client pid %d uid %d gid %s", peer.pid, peer.uid, name)
+        return False
+
+    def describe_adapters(self) -> list[dict[str, Any]]:
+        """``query-adapters``: config, live bits and suppression per adapter."""
+        engine = self.engine
+        result = []
+        for adapter in engine.model.adapters.values():
+            mask = 0x80 >> adapter.isc
+            result.append(
+                {
+                    "id": adapter.id,
+                    "name": adapter.name,
+                    "isc": adapter.isc,
+                    "kind": adapter.kind,
+                    "suppressible": adapter.suppressible,
+                    "simm": bool(engine.simm & mask),
+                    "nimm": bool(engine.nimm & mask),
+                    "devices": [describe_device(d, engine.backend.read) for d in adapter.devices],
+                }
+            )
+        return result
+
+    def describe_stats(self) -> dict[str, Any]:
+        """``query-stats``."""
+        return {
+            **self.engine.stats.as_dict(),
+            "pending": self.engine.pending,
+            "paused": self.engine.paused,
+            "holds": sorted(self._holds),
+            "unavailable": self.engine.unavailable,
+            "eventfd-signals": self.eventfds.signals,
+            "eventfds": self.eventfds.describe(),
+            "vmm": self.vmm.status if self.vmm else None,
+        }
+
+
+def _version_tuple() -> tuple[int, int, int]:
+    major, minor, micro = (int(part) for part in __version__.split(".")[:3])
+    return major, minor, micro
