@@ -74,7 +74,8 @@ class Service:
         """Open the backend, start the engine, the VMM link and the control socket."""
         ram_path = None
         if self.config.vmm is not None:
-            self.vmm = VmmLink(self.config.vmm, self)
+            scratch = os.path.dirname(os.path.abspath(self.socket_path))
+            self.vmm = VmmLink(self.config.vmm, self, scratch_dir=scratch)
             self.vmm.start()
             if getattr(self.config.backend, "ram", None) == "auto":
                 await self.vmm.wait_connected(30.0)

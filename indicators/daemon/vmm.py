@@ -88,8 +88,17 @@ def parse_skeys(text: str) -> dict[int, int]:
 class VmmLink:
     """Keeps a QMP connection to QEMU and reports its state to ``hooks``."""
 
-    def __init__(self, config: VmmConfig, hooks: VmmHooks, *, grace: float = 5.0) -> None:
+    def __init__(
+        self,
+        config: VmmConfig,
+        hooks: VmmHooks,
+        *,
+        grace: float = 5.0,
+        scratch_dir: str | None = None,
+    ) -> None:
         self.config = config
+        #: Where QEMU writes dump-skeys files: QEMU must see it too (not a PrivateTmp).
+        self.scratch_dir = scratch_dir
         self.hooks = hooks
         self.grace = grace
         self.status = "disconnected"
@@ -254,7 +263,8 @@ class VmmLink:
 
     async def storage_keys(self) -> dict[int, int] | None:
         """The guest's storage keys from ``dump-skeys``; None when it uses none."""
-        directory = tempfile.mkdtemp(prefix="indicators-skeys-")
+        directory = tempfile.mkdtemp(prefix="indicators-skeys-", dir=self.scratch_dir)
+        os.chmod(directory, 0o770)  # QEMU may run under another uid of the same group
         path = os.path.join(directory, "skeys")
         try:
             await self.execute("dump-skeys", {"filename": path})
