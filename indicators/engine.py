@@ -30,6 +30,7 @@ import asyncio
 import errno
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ class _Failure(Exception):
 class _Ticket:
     """One caller's batch: every item is applied or failed within one flush."""
 
-    __slots__ = ("entries", "errors", "future")
+    __slots__ = ("accepted", "entries", "errors", "future")
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class _Ticket:
         self.future = future
         self.entries = entries
         self.errors: list[NotifyError | None] = [None] * len(entries)
+        self.accepted = time.perf_counter()
 
     def fail(self, index: int, error: NotifyError) -> None:
         self.errors[index] = error
@@ -324,7 +326,10 @@ class Engine:
                             ticket.fail(index, error)
                         ticket.resolve()
                     raise
+                now = time.perf_counter()
+                latency = self.stats.latency
                 for ticket in batch:
+                    latency.observe(now - ticket.accepted, len(ticket.entries))
                     ticket.resolve()
         finally:
             self._flusher = None
@@ -342,7 +347,7 @@ class Engine:
                     group = groups[wkey] = [0, []]
                 group[0] |= image
                 group[1].append((ticket, index, device, vector))
-        applied: dict[Device, None] = {}  # ordered set of devices with an applied bit
+        applied: dict[Device, int] = {}  # devices with an applied bit -> how many
         for (window, key), (mask, items) in groups.items():
             failed, old = await self._or_group(window, mask, key, items)
             if self.set_counts is not None:
@@ -351,10 +356,12 @@ class Engine:
             if failed:
                 items = [item for item in items if id(item) not in failed]
             stats.applied += len(items)
-            applied.update(dict.fromkeys(item[2] for item in items))
+            for item in items:
+                applied[item[2]] = applied.get(item[2], 0) + 1
         # Phase 2: the summaries of the devices with an applied bit.
         sgroups: dict[_WindowKey, list[Any]] = {}
-        for device in applied:
+        for device, count in applied.items():
+            stats.applied_to(device.adapter.id, count)
             window, image = _window_image(device.summary.gaddr, device.summary.mask)
             sgroup = sgroups.get((window, device.key))
             if sgroup is None:

@@ -7,17 +7,59 @@ show.  Per-adapter counters are keyed by adapter id.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AdapterCounters", "EngineStats"]
+__all__ = ["AdapterCounters", "EngineStats", "LatencyHistogram"]
+
+#: Upper bounds (seconds) of the notify latency buckets: accepted -> applied.
+LATENCY_BOUNDS = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1,
+    0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+
+@dataclass
+class LatencyHistogram:
+    """Cumulative-at-read histogram of notify latency, Prometheus-style buckets."""
+
+    bounds: tuple[float, ...] = LATENCY_BOUNDS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float, weight: int = 1) -> None:
+        """Record ``weight`` notifications that took ``seconds``."""
+        self.counts[bisect_left(self.bounds, seconds)] += weight
+        self.total += seconds * weight
+        self.count += weight
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, notifications at or below it)``, ending with +inf."""
+        result, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            result.append((bound, running))
+        return result
+
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding quantile ``q`` (None when empty)."""
+        if not self.count:
+            return None
+        target = q * self.count
+        for bound, running in self.cumulative():
+            if running >= target:
+                return bound
+        return float("inf")
 
 
 @dataclass
 class AdapterCounters:
     """What happened to one adapter."""
 
+    notifications: int = 0
     interrupts: int = 0
     suppressed: int = 0
     failures: int = 0
@@ -38,12 +80,17 @@ class EngineStats:
     interrupts_coalesced: int = 0  # decisions folded into another interrupt of the batch
     failures: Counter[str] = field(default_factory=Counter)  # by code
     adapters: dict[int, AdapterCounters] = field(default_factory=dict)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def _adapter(self, adapter_id: int) -> AdapterCounters:
         counters = self.adapters.get(adapter_id)
         if counters is None:
             counters = self.adapters[adapter_id] = AdapterCounters()
         return counters
+
+    def applied_to(self, adapter_id: int, count: int) -> None:
+        """Count ``count`` notifications applied for an adapter."""
+        self._adapter(adapter_id).notifications += count
 
     def fail(self, code: str, adapter_id: int) -> None:
         """Count a failed notification (or injection) with ``code``."""
@@ -73,8 +120,11 @@ class EngineStats:
             "interrupts-suppressed": self.interrupts_suppressed,
             "interrupts-coalesced": self.interrupts_coalesced,
             "failures": dict(self.failures),
+            "latency-p50": self.latency.quantile(0.5),
+            "latency-p99": self.latency.quantile(0.99),
             "adapters": {
                 str(aid): {
+                    "notifications": c.notifications,
                     "interrupts": c.interrupts,
                     "suppressed": c.suppressed,
                     "failures": c.failures,

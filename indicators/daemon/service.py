@@ -31,6 +31,7 @@ from ..adapters import build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
 from ..memop import EmulatedBackend
+from ..metrics import EngineCollector, serve_metrics
 from .commands import describe_device, register_commands
 from .eventfds import EventfdSources
 from .qmp_server import PeerCredentials, QmpServer
@@ -62,6 +63,9 @@ class Service:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._skeys_task: asyncio.Task[None] | None = None
+        self._metrics: Any = None
+        #: The metrics endpoint's port (useful with port 0), once started.
+        self.metrics_port: int | None = None
 
     @property
     def socket_path(self) -> str:
@@ -98,6 +102,16 @@ class Service:
         )
         register_commands(self.server, self)
         await self.server.start()
+        if self.config.metrics is not None:
+            collector = EngineCollector(
+                lambda: self.engine.stats, lambda: self.engine.model.adapters
+            )
+            self._metrics, self.metrics_port = serve_metrics(
+                collector, self.config.metrics.address, self.config.metrics.port
+            )
+            log.info(
+                "metrics on http://%s:%d/metrics", self.config.metrics.address, self.metrics_port
+            )
         if self.config.vmm is not None and self.config.vmm.skeys_refresh:
             self._skeys_task = asyncio.create_task(
                 self._refresh_skeys(self.config.vmm.skeys_refresh)
@@ -124,6 +138,12 @@ class Service:
             self._skeys_task.cancel()
         if self.vmm is not None:
             await self.vmm.stop()
+        if self._metrics is not None:
+            server, thread = self._metrics
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._metrics = None
         if self.wiring is not None:
             self.wiring.close()
             self.wiring = None

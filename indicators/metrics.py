@@ -1,0 +1,105 @@
+"""An optional Prometheus endpoint over the engine's statistics.
+
+The engine keeps plain counters (:class:`~indicators.stats.EngineStats`);
+this module turns them into Prometheus metrics only when scraped, through a
+custom collector, so the hot path pays nothing for observability:
+
+- ``indicators_notifications_total``, ``..._applied_total``,
+  ``..._merged_total``, ``..._cmpxchg_total``, ``..._no_xchg_total``,
+  ``..._eagain_total``, interrupts injected / suppressed / coalesced;
+- ``indicators_failures_total{code}``;
+- per adapter (labels ``adapter``, ``isc``, ``kind``):
+  ``indicators_adapter_notifications_total``, ``..._interrupts_total``,
+  ``..._suppressed_total``, ``..._failures_total``;
+- ``indicators_notify_latency_seconds``: a histogram from accepted to
+  applied.
+
+The endpoint listens on loopback by default (``[metrics] address, port``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .adapters import Adapter
+from .stats import EngineStats
+
+__all__ = ["EngineCollector", "serve_metrics"]
+
+_TOTALS = (
+    ("notifications", "notifications", "Notifications accepted."),
+    ("applied", "applied", "Notifications whose bit is in guest memory."),
+    ("merged", "merged", "Notifications merged into a bit set in the same batch."),
+    ("cmpxchg", "cmpxchg", "Backend cmpxchg calls."),
+    ("no_xchg", "no_xchg", "Compare-failed rounds retried."),
+    ("eagain", "eagain", "-EAGAIN results retried."),
+    ("interrupts_injected", "interrupts_injected", "Adapter interrupts delivered."),
+    ("interrupts_suppressed", "interrupts_suppressed", "Adapter interrupts suppressed (AIS)."),
+    ("interrupts_coalesced", "interrupts_coalesced", "Interrupt decisions folded into another."),
+)
+
+
+class EngineCollector(Collector):
+    """Reads the current engine's statistics at scrape time."""
+
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        adapters: Callable[[], dict[int, Adapter]],
+    ) -> None:
+        self._stats = stats
+        self._adapters = adapters
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families of one scrape."""
+        stats = self._stats()
+        for attribute, name, doc in _TOTALS:
+            yield CounterMetricFamily(f"indicators_{name}", doc, value=getattr(stats, attribute))
+        failures = CounterMetricFamily(
+            "indicators_failures", "Failed notifications by code.", labels=["code"]
+        )
+        for code, count in sorted(stats.failures.items()):
+            failures.add_metric([code], count)
+        yield failures
+        yield from self._per_adapter(stats)
+        buckets: list[tuple[str, float]] = [
+            ("+Inf" if bound == float("inf") else repr(bound), float(count))
+            for bound, count in stats.latency.cumulative()
+        ]
+        yield HistogramMetricFamily(
+            "indicators_notify_latency_seconds",
+            "Time from a notification's acceptance to its bit being in guest memory.",
+            buckets=buckets,
+            sum_value=stats.latency.total,
+        )
+
+    def _per_adapter(self, stats: EngineStats) -> Iterator[Metric]:
+        labels = ["adapter", "isc", "kind"]
+        families: dict[str, Any] = {
+            field: CounterMetricFamily(f"indicators_adapter_{field}", doc, labels=labels)
+            for field, doc in (
+                ("notifications", "Notifications applied per adapter."),
+                ("interrupts", "Interrupts delivered per adapter."),
+                ("suppressed", "Interrupts suppressed per adapter."),
+                ("failures", "Failures per adapter."),
+            )
+        }
+        for adapter_id, adapter in sorted(self._adapters().items()):
+            counters = stats.adapters.get(adapter_id)
+            values = [str(adapter_id), str(adapter.isc), adapter.kind]
+            for field, family in families.items():
+                family.add_metric(values, getattr(counters, field) if counters else 0)
+        yield from families.values()
+
+
+def serve_metrics(collector: EngineCollector, address: str, port: int) -> tuple[Any, int]:
+    """Serve ``collector`` on ``http://address:port/metrics``; returns (server, port)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, thread = start_http_server(port, addr=address, registry=registry)
+    return (server, thread), server.server_address[1]
