@@ -83,6 +83,14 @@ class AdapterModel:
         except KeyError:
             raise KeyError(f"unknown device {name!r}") from None
 
+    def allowed_bits(self) -> dict[int, int]:
+        """``{gaddr: mask}`` of every configured dsci and summary bit."""
+        allowed: dict[int, int] = {}
+        for device in self.devices.values():
+            for bit in (*device.dsci, device.summary):
+                allowed[bit.gaddr] = allowed.get(bit.gaddr, 0) | bit.mask
+        return allowed
+
     def owned_bytes(self) -> set[int]:
         """Every guest byte that holds a configured dsci or summary bit."""
         owned = {bit.gaddr for device in self.devices.values() for bit in device.dsci}

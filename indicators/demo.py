@@ -105,7 +105,8 @@ async def run_demo(seconds: float = 5.0, rate: int = 16, clients: int = 4) -> in
         config = demo_config(path)
         service = Service(config)
         await service.start()
-        backend = service.engine.backend
+        assert service.wiring is not None
+        backend = service.wiring.backend
         assert isinstance(backend, EmulatedBackend)
         service.engine.set_counts = Counter()
         # The guest sleeps briefly when idle so that it does not starve the

@@ -27,10 +27,11 @@ import signal
 from typing import Any
 
 from .. import __version__
-from ..adapters import build_model
+from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
-from ..memop import EmulatedBackend
+from ..memop import EmulatedBackend, MemopBackend
+from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
 from .commands import describe_device, register_commands
 from .eventfds import EventfdSources
@@ -85,7 +86,7 @@ class Service:
                 await self.vmm.wait_connected(30.0)
                 ram_path = await self.vmm.ram_path()
         self.wiring = open_backend(self.config.backend, ram_path)
-        self.engine = Engine(self.model, self.wiring.backend, self.wiring.sink, self.config.retry)
+        self.engine = Engine(*self._confined(self.model), self.wiring.sink, self.config.retry)
         self.engine.subscribe(self._on_engine_event)
         for reason in self._holds:
             self.engine.pause()
@@ -195,7 +196,7 @@ class Service:
         if self.engine.pending:
             return self._reload_refused("notifications are pending; try again")
         old = self.engine
-        engine = Engine(model, old.backend, old.sink, new.retry)
+        engine = Engine(*self._confined(model), old.sink, new.retry)
         engine.stats, engine.simm, engine.nimm = old.stats, old.simm, old.nimm
         for listener in old._listeners:
             engine.subscribe(listener)
@@ -207,6 +208,11 @@ class Service:
         self.config, self.model = new, model
         log.info("config reloaded: %d devices", len(model.devices))
         return "reloaded"
+
+    def _confined(self, model: AdapterModel) -> tuple[AdapterModel, MemopBackend]:
+        """The model and a backend that may change only the model's bits."""
+        assert self.wiring is not None
+        return model, ConfinedBackend(self.wiring.backend, model.allowed_bits())
 
     def _reload_refused(self, why: str) -> str:
         log.warning("config reload refused, keeping the old config: %s", why)

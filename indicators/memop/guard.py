@@ -1,0 +1,78 @@
+"""Write confinement: a backend wrapper that only lets configured bits change.
+
+Whatever a client sends, the daemon may change no guest byte other than the
+configured indicator and summary bits.  :class:`ConfinedBackend` enforces that
+below the engine: a cmpxchg whose new value differs from its expected value
+in any bit outside ``allowed`` (``{gaddr: mask}``), or a write that would
+change such a bit, is refused with ``EPERM`` before the inner backend is
+touched.  Reads pass through.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+
+from .base import CmpxchgResult, MemopBackend, MemopError
+
+__all__ = ["ConfinedBackend"]
+
+
+class ConfinedBackend(MemopBackend):
+    """``inner``, except that only the bits of ``allowed`` may change."""
+
+    def __init__(self, inner: MemopBackend, allowed: Mapping[int, int]) -> None:
+        self.inner = inner
+        self.allowed = dict(allowed)
+        self._images: dict[tuple[int, int], int] = {}
+
+    def _image(self, gaddr: int, size: int) -> int:
+        """The allowed bits of ``[gaddr, gaddr + size)`` as a big-endian integer."""
+        where = (gaddr, size)
+        image = self._images.get(where)
+        if image is None:
+            allowed = self.allowed
+            image = 0
+            for offset in range(size):
+                image = image << 8 | allowed.get(gaddr + offset, 0)
+            if size <= 16:
+                self._images[where] = image
+        return image
+
+    def _refuse(self, gaddr: int, size: int, key: int | None, outside: int, old: int) -> None:
+        raise MemopError(
+            errno.EPERM,
+            f"refused: would change bits {outside:#x} outside the configured indicator "
+            f"and summary bits",
+            gaddr=gaddr,
+            size=size,
+            key=key,
+            old=old,
+        )
+
+    def cmpxchg(
+        self, gaddr: int, size: int, old: int, new: int, key: int | None = None
+    ) -> CmpxchgResult:
+        """Forward unless ``old ^ new`` has a bit outside the allowed ones."""
+        if 0 < size <= 16:
+            outside = (old ^ new) & ~self._image(gaddr, size)
+            if outside:
+                self._refuse(gaddr, size, key, outside, old)
+        return self.inner.cmpxchg(gaddr, size, old, new, key)
+
+    def read(self, gaddr: int, size: int, key: int | None = None) -> bytes:
+        """Reads are not confined."""
+        return self.inner.read(gaddr, size, key)
+
+    def write(self, gaddr: int, data: bytes, key: int | None = None) -> None:
+        """Forward only if every byte that would change differs in allowed bits only."""
+        current = self.inner.read(gaddr, len(data), key)
+        changed = int.from_bytes(current, "big") ^ int.from_bytes(data, "big")
+        outside = changed & ~self._image(gaddr, len(data))
+        if outside:
+            self._refuse(gaddr, len(data), key, outside, 0)
+        self.inner.write(gaddr, data, key)
+
+    def close(self) -> None:
+        """Close the inner backend."""
+        self.inner.close()
