@@ -221,7 +221,7 @@ class Engine:
         self._pending.append(ticket)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        return await asyncio.shield(ticket.future)
+        return await ticket.future  # a cancelled caller does not stop the flush
 
     def check_target(self, name: str, vector: int) -> None:
         """Raise ValueError naming the problem unless ``name``/``vector`` exists."""
