@@ -41,6 +41,7 @@ __all__ = [
     "KvmBackendConfig",
     "KvmRouteDevice",
     "RetryPolicy",
+    "RunAsConfig",
     "VirtioCcwDevice",
     "VmmConfig",
     "ZpciDevice",
@@ -259,6 +260,13 @@ class MetricsConfig(_Model):
     port: int = Field(default=9464, ge=0, lt=65536)
 
 
+class RunAsConfig(_Model):
+    """Drop to this user (and group) once the VM fd and the RAM file are open."""
+
+    user: str = Field(min_length=1)
+    group: str | None = None
+
+
 class Config(_Model):
     """A whole ``indicators`` configuration."""
 
@@ -268,6 +276,7 @@ class Config(_Model):
     control: ControlConfig | None = None
     vmm: VmmConfig | None = None
     metrics: MetricsConfig | None = None
+    run_as: RunAsConfig | None = None
 
 
 class ConfigError(ValueError):

@@ -35,6 +35,7 @@ from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
 from .commands import describe_device, register_commands
 from .eventfds import EventfdSources
+from .privileges import drop_to
 from .qmp_server import PeerCredentials, QmpServer
 from .sdnotify import Notifier
 from .vmm import VmmLink
@@ -86,6 +87,9 @@ class Service:
                 await self.vmm.wait_connected(30.0)
                 ram_path = await self.vmm.ram_path()
         self.wiring = open_backend(self.config.backend, ram_path)
+        if self.config.run_as is not None:
+            uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
+            log.info("running as uid %d gid %d", uid, gid)
         self.engine = Engine(*self._confined(self.model), self.wiring.sink, self.config.retry)
         self.engine.subscribe(self._on_engine_event)
         for reason in self._holds:
@@ -102,7 +106,13 @@ class Service:
             allowed=self._admits,
         )
         register_commands(self.server, self)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except OSError as exc:
+            self.wiring.close()
+            raise OSError(
+                exc.errno, f"cannot create the control socket {self.socket_path}: {exc.strerror}"
+            ) from None
         if self.config.metrics is not None:
             collector = EngineCollector(
                 lambda: self.engine.stats, lambda: self.engine.model.adapters
