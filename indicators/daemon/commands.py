@@ -73,7 +73,7 @@ class DetachArgs(QmpArgs):
 
 
 def _generic(message: str) -> QmpCommandError:
-    return QmpCommandError("GenericError", message)
+    return QmpCommandError(message, "GenericError")
 
 
 def register_commands(server: QmpServer, service: Service) -> None:

@@ -101,6 +101,10 @@ class QmpSession:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._negotiated = False
+        # Events start only after the qmp_capabilities reply is queued: a client
+        # (qemu.qmp included) expects that reply as the first message after the greeting.
+        self._capabilities_reply: asyncio.Future[bytes] | None = None
+        self._events_on = False
         self._fds: dict[str, int] = {}
         self._unclaimed: deque[int] = deque()
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -275,7 +279,10 @@ class QmpSession:
         if isinstance(request, QmpCommandError):
             return self._answered(error_reply(request, echo))
         if not self._negotiated:
-            return self._answered(self._negotiate(request, echo))
+            reply = self._answered(self._negotiate(request, echo))
+            if self._negotiated:
+                self._capabilities_reply = reply
+            return reply
         command = self.server.commands.get(request.command)
         if command is None:
             missing = QmpCommandError(
@@ -340,6 +347,8 @@ class QmpSession:
                 self._enqueue(encode(error_reply(QmpCommandError("Command cancelled"), {})))
             else:
                 self._enqueue(pending.result())
+                if pending is self._capabilities_reply:
+                    self._events_on = True
         self._out.put_nowait(None)
 
     async def _write_loop(self) -> None:
@@ -366,7 +375,7 @@ class QmpSession:
     def send_encoded_event(self, data: bytes) -> bool:
         """:meth:`send_event` for an event already encoded (a broadcast encodes once)."""
         reading = self._reader is not None and not self._reader.done()
-        if not (self._negotiated and reading) or self._closing.is_set():
+        if not (self._events_on and reading) or self._closing.is_set():
             return False
         if self._out_bytes + len(data) > self.server.max_queued:
             logger.warning("QMP %r does not read its events; disconnecting it", self)

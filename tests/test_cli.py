@@ -1,0 +1,184 @@
+"""The ``indicators`` command line, run as a subprocess like a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_helpers import (
+    TIMEOUT,
+    Daemon,
+    daemon_config,
+    devices,
+    indicators_command,
+    running_daemon,
+    write_config,
+)
+
+
+def indicators(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        indicators_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    directory = tmp_path_factory.mktemp("cli")
+    with running_daemon(directory, daemon_config(directory / "control.sock")) as daemon:
+        yield daemon
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_check_accepts_a_good_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "good.toml", daemon_config(tmp_path / "c.sock"))
+    result = indicators("config", "check", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{path}: ok, backend emulated, 4 devices on 4 adapters"
+    assert "  adapter 3 (virtio-ccw, isc 3): net0" in lines
+    assert "  adapter 10 (zpci, isc 2): pci0" in lines
+    assert "  adapter 64 (kvm-route, isc 5): route0" in lines
+
+
+def _with_device_change(name: str, **change: Any) -> dict[str, Any]:
+    raw = daemon_config("/tmp/unused.sock")
+    raw["devices"] = [
+        {**device, **change} if device["name"] == name else device for device in devices()
+    ]
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (_with_device_change("net0", isc=9), ["device 'net0'.isc", "less than or equal to 7"]),
+        (_with_device_change("pci0", noi=0), ["device 'pci0'.noi"]),
+        (_with_device_change("route0", colour="red"), ["device 'route0'.colour", "not permitted"]),
+        (
+            _with_device_change("pci0", aibv=0x10100),
+            ["device 'pci0'.aibv", "overlaps device 'net0'"],
+        ),
+        (
+            _with_device_change("net0", device_indicator=0x200000),
+            ["device 'net0'.device_indicator", "past guest memory"],
+        ),
+        (_with_device_change("locked", key=16), ["device 'locked'.key"]),
+        (
+            {**daemon_config("/tmp/unused.sock"), "backend": {"kind": "emulated"}},
+            ["backend.emulated.memory_size", "Field required"],
+        ),
+    ],
+)
+def test_config_check_names_device_and_field(
+    tmp_path: Path, raw: dict[str, Any], named: list[str]
+) -> None:
+    path = write_config(tmp_path / "bad.toml", raw)
+    result = indicators("config", "check", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"indicators: config error: {path}:")
+    for text in named:
+        assert text in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [(None, "(file)"), ("[backend\n", "(toml)")],
+)
+def test_config_check_unreadable_files(tmp_path: Path, content: str | None, named: str) -> None:
+    path = tmp_path / "broken.toml"
+    if content is not None:
+        path.write_text(content)
+    result = indicators("config", "check", str(path))
+    assert result.returncode == 2
+    assert named in result.stderr
+
+
+def test_config_schema_is_json_schema() -> None:
+    result = indicators("config", "schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "Config"
+    assert {"backend", "devices", "retry", "control", "vmm"} <= set(schema["properties"])
+    assert schema["required"] == ["backend"]
+    kinds = json.dumps(schema["$defs"])
+    for kind in ("virtio-ccw", "zpci", "kvm-route", "emulated", "kvm"):
+        assert f'"{kind}"' in kinds
+
+
+# ------------------------------------------------------ against a daemon
+
+
+def test_notify_and_status_against_a_running_daemon(daemon: Daemon) -> None:
+    result = indicators("notify", "--socket", daemon.socket, "net0", "3", "4", "60")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"applied": 3}
+    result = indicators("notify", "--socket", daemon.socket, "pci0", "0")
+    assert json.loads(result.stdout) == {"applied": 1}
+
+    result = indicators("status", "--socket", daemon.socket)
+    assert result.returncode == 0, result.stderr
+    table, _, counters = result.stdout.partition("\n\n")
+    rows = {line.split()[3]: line.split() for line in table.splitlines()[1:]}
+    # adapter isc kind device key vectors set summary suppr
+    assert rows["net0"] == ["3", "3", "virtio-ccw", "net0", "-", "64", "3", "set", "-"]
+    assert rows["pci0"] == ["10", "2", "zpci", "pci0", "-", "32", "1", "set", "-"]
+    assert rows["route0"][6:8] == ["0", "clear"]
+    assert rows["locked"][4] == "5"
+    fields = dict(line.strip().split(": ", 1) for line in counters.splitlines())
+    assert int(fields["notifications"]) >= 4
+    assert fields["failures"] == "none"
+    assert fields["vmm"] == "no link"
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["nope", "1"], "unknown device 'nope'"),
+        (["net0", "64"], "vector 64 is not one"),
+        (["locked", "0"], "program exception 4 (protection) (code 4)"),
+    ],
+)
+def test_notify_failures_exit_1_with_the_reason(
+    daemon: Daemon, args: list[str], named: str
+) -> None:
+    result = indicators("notify", "--socket", daemon.socket, *args)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert named in result.stderr
+
+
+def test_status_without_a_daemon_exits_1(tmp_path: Path) -> None:
+    result = indicators("status", "--socket", str(tmp_path / "nobody.sock"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("indicators: ConnectError:")
+    assert "No such file or directory" in result.stderr
+
+
+def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "bad.toml", _with_device_change("net0", vectors=0))
+    result = indicators("run", "--config", str(path), timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "device 'net0'.vectors" in result.stderr
+
+
+# ------------------------------------------------------------------- demo
+
+
+def test_demo_runs_and_reports_success() -> None:
+    result = indicators("demo", "--seconds", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("every acknowledged notification reached the guest: yes (")
+    assert "acknowledged" in result.stdout and "interrupts-injected" in result.stdout
