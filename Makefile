@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint unit system-deps bench clean
+.PHONY: run test lint system-deps bench fuzz clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,16 @@ test: $(STAMP) system-deps lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_memop.py
+
+# The fuzz campaign: atheris (coverage-guided) on the decoder and the config
+# loader, hypothesis against a running daemon.  FUZZ_RUNS inputs each.
+FUZZ_RUNS ?= 100000
+fuzz: $(STAMP)
+	$(PY) -m pip install -q atheris
+	mkdir -p .fuzz/decoder .fuzz/config
+	cd fuzz && ../$(PY) run_atheris.py decoder -runs=$(FUZZ_RUNS) -max_len=4096 ../.fuzz/decoder corpus/decoder
+	cd fuzz && ../$(PY) run_atheris.py config -runs=$(FUZZ_RUNS) -max_len=4096 ../.fuzz/config corpus/config
+	INDICATORS_FUZZ_EXAMPLES=$(FUZZ_RUNS) $(VENV)/bin/pytest -q -s tests/test_fuzz.py -k protocol
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
