@@ -414,6 +414,25 @@ async def test_max_pending_bounds_handlers_per_client(tmp_path: Path, probe: Pro
     assert probe.finished == 12
 
 
+async def test_max_rate_throttles_one_client_not_the_others(tmp_path: Path, probe: Probe) -> None:
+    async with (
+        make_server(tmp_path, probe, max_rate=40.0) as server,
+        qmp_client(server.path) as greedy,
+        qmp_client(server.path) as other,
+    ):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        flood = asyncio.gather(*(greedy.execute("query-version") for _ in range(80)))
+        await asyncio.sleep(0.1)
+        await other.execute("query-version")
+        other_done = loop.time() - start
+        await flood
+        greedy_done = loop.time() - start
+    # 40 requests of burst, then 40 per second: the greedy client needs about a second.
+    assert greedy_done >= 0.9, f"80 requests at 40/s took only {greedy_done:.2f} s"
+    assert other_done < greedy_done, "the other client is not held behind the greedy one"
+
+
 async def test_fifty_clients_twenty_commands_each(server: QmpServer) -> None:
     async def one_client(number: int) -> list[object]:
         async with qmp_client(server.path) as client:

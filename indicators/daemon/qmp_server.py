@@ -100,6 +100,7 @@ class QmpServer:
         max_message: int = 64 * 1024,
         max_pending: int = 8,
         max_queued: int = 1024 * 1024,
+        max_rate: float | None = None,
         allowed: Callable[[PeerCredentials], bool] | None = None,
     ) -> None:
         if max_message < 1 or max_pending < 1 or max_queued < 1:
@@ -112,6 +113,8 @@ class QmpServer:
         self.max_message = max_message
         self.max_pending = max_pending
         self.max_queued = max_queued
+        #: Requests per second per client (None: unlimited); excess is read later.
+        self.max_rate = max_rate
         #: The greeting every admitted client gets first.
         self.greeting = encode(greeting_message(version, package, self.capabilities))
         self._allowed = allowed

@@ -230,8 +230,18 @@ class QmpSession:
 
     async def _read_loop(self) -> None:
         framer = JsonFramer(self.server.max_message)
+        rate = self.server.max_rate
+        tokens, last = rate or 0.0, self._loop.time()
         while data := await self._recv():
             for frame in framer.feed(data):
+                if rate:  # token bucket: a client over its rate is read more slowly
+                    now = self._loop.time()
+                    tokens = min(rate, tokens + (now - last) * rate)
+                    last = now
+                    if tokens < 1.0:
+                        await asyncio.sleep((1.0 - tokens) / rate)
+                        tokens, last = 1.0, self._loop.time()
+                    tokens -= 1.0
                 await self._dispatch(frame)
                 if isinstance(frame, FramingError):
                     return
@@ -417,6 +427,10 @@ class QmpHost(Protocol):
     @property
     def max_queued(self) -> int:
         """Unsent output of one client, in bytes, before events disconnect it."""
+
+    @property
+    def max_rate(self) -> float | None:
+        """Requests per second one client may send (a burst of one second's worth)."""
 
     def admits(self, credentials: PeerCredentials) -> bool:
         """Whether a peer with these credentials may use the server."""

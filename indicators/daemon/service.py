@@ -6,8 +6,9 @@
   the commands of :mod:`indicators.daemon.commands`);
 - attached eventfds (:class:`~indicators.daemon.eventfds.EventfdSources`);
 - the VMM link (:class:`~indicators.daemon.vmm.VmmLink`), which holds
-  notifications while the guest is stopped or migrating and refuses them
-  while QEMU is gone;
+  notifications while the guest is stopped or migrating, refuses them
+  while QEMU is gone, and (``ram = "auto"``) maps the RAM of a QEMU
+  restarted behind the same socket;
 - systemd notification and signals: SIGTERM/SIGINT stop gracefully (stop
   accepting, apply every pending notification, exit), SIGHUP reloads the
   config when the change is safe.
@@ -65,6 +66,7 @@ class Service:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._skeys_task: asyncio.Task[None] | None = None
+        self._ram_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ram="auto"
         self._metrics: Any = None
         #: The metrics endpoint's port (useful with port 0), once started.
         self.metrics_port: int | None = None
@@ -86,6 +88,7 @@ class Service:
             if getattr(self.config.backend, "ram", None) == "auto":
                 await self.vmm.wait_connected(30.0)
                 ram_path = await self.vmm.ram_path()
+                self._ram_identity = _file_identity(ram_path)
         self.wiring = open_backend(self.config.backend, ram_path)
         if self.config.run_as is not None:
             uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
@@ -103,6 +106,8 @@ class Service:
             version=_version_tuple(),
             package=f"indicators {__version__}",
             max_message=control.max_message if control else 65536,
+            max_pending=control.max_pending if control else 8,
+            max_rate=control.max_rate if control else None,
             allowed=self._admits,
         )
         register_commands(self.server, self)
@@ -269,6 +274,40 @@ class Service:
         if self.server is not None:
             self.server.broadcast_event("VMM_STATE", {"status": status, **data})
 
+    async def attached(self) -> None:
+        """QEMU (re)connected: with ``ram = "auto"``, map its RAM file if it is a new one.
+
+        A QEMU restarted behind the same QMP socket has a new RAM file (or a
+        new file under the old name); writing into the old mapping would
+        reach nobody.  The new guest also starts with fresh suppression state.
+        """
+        vmm = self.config.vmm
+        if (
+            self.wiring is None
+            or self.vmm is None
+            or vmm is None
+            or getattr(self.config.backend, "ram", None) != "auto"
+        ):
+            return
+        path = await self.vmm.ram_path()
+        identity = _file_identity(path)
+        if identity == self._ram_identity:
+            return
+        try:
+            new = open_backend(self.config.backend, path)
+        except OSError as exc:
+            raise RuntimeError(f"cannot map the new guest RAM {path}: {exc}") from exc
+        old, self.wiring = self.wiring, Wiring(new.backend, self.wiring.sink, new.fds)
+        self._ram_identity = identity
+        engine = self._engine()
+        if engine is not None:
+            engine.backend = self._confined(self.model)[1]
+            engine.reset_suppression()
+        old.close()
+        log.info("QEMU restarted: guest RAM re-mapped from %s", path)
+        if vmm.skeys_refresh:
+            await self.refresh_storage_keys()
+
     async def _refresh_skeys(self, interval: float) -> None:
         while True:
             await self.refresh_storage_keys()
@@ -362,6 +401,15 @@ class Service:
             "eventfds": self.eventfds.describe(),
             "vmm": self.vmm.status if self.vmm else None,
         }
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path``: a file recreated under the same name differs."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _version_tuple() -> tuple[int, int, int]:
