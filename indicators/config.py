@@ -38,6 +38,7 @@ __all__ = [
     "ControlConfig",
     "DeviceConfig",
     "EmulatedBackendConfig",
+    "FaultConfig",
     "KvmBackendConfig",
     "KvmRouteDevice",
     "RetryPolicy",
@@ -74,6 +75,17 @@ def parse_size(value: Any) -> Any:
 # --------------------------------------------------------------------- backend
 
 
+class FaultConfig(_Model):
+    """Opt-in fault injection of the emulated backend, for tests and demonstrations."""
+
+    eagain_probability: float = Field(default=0.0, ge=0.0, le=1.0)
+    eagain_sizes: tuple[Literal[1, 2, 4, 8, 16], ...] = (1, 2)
+    protected: list[tuple[Gaddr, int]] = Field(
+        default_factory=list, description="[gaddr, size] ranges where every store faults (4)"
+    )
+    seed: int | None = None
+
+
 class EmulatedBackendConfig(_Model):
     """The emulation over mapped memory: anonymous, or a guest's RAM file."""
 
@@ -88,6 +100,7 @@ class EmulatedBackendConfig(_Model):
         default_factory=dict,
         description="initial storage key byte per page, {'0x10000' = 0x30}",
     )
+    faults: FaultConfig | None = None
 
     _size = field_validator("memory_size", mode="before")(parse_size)
 

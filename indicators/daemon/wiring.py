@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import EmulatedBackendConfig, KvmBackendConfig
-from ..memop import EmulatedBackend, KvmBackend, MemopBackend
+from ..memop import EmulatedBackend, FaultInjector, KvmBackend, MemopBackend
 from ..memop.vmfd import acquire_fd
 from ..sinks import InterruptSink, KvmSink, QueueSink
 
@@ -43,7 +43,15 @@ def open_backend(
         path = ram_path if config.ram == "auto" else config.ram
         if config.ram == "auto" and path is None:
             raise ValueError("backend.ram = 'auto' needs the [vmm] link to find the RAM file")
-        backend = EmulatedBackend(config.memory_size, path=path)
+        faults = None
+        if config.faults is not None:
+            faults = FaultInjector(
+                eagain_probability=config.faults.eagain_probability,
+                eagain_sizes=frozenset(config.faults.eagain_sizes),
+                protected=[(start, start + size) for start, size in config.faults.protected],
+                seed=config.faults.seed,
+            )
+        backend = EmulatedBackend(config.memory_size, path=path, faults=faults)
         try:
             for page, key in config.storage_keys.items():
                 backend.set_storage_key(int(page, 0), key)
