@@ -11,7 +11,8 @@ turns what it hears into calls on a :class:`VmmHooks` (the daemon):
 - ``RESET``: clear adapter state (suppression);
 - ``SHUTDOWN`` and a lost connection: hold, then, after a grace period
   without QEMU, refuse notifications with a clear error; reconnect with
-  exponential backoff and accept again when QEMU is back.
+  exponential backoff and accept again when QEMU is back (after the hooks'
+  ``attached`` re-learned what a new QEMU changed, e.g. its RAM file).
 
 It also answers two questions for the daemon: where the guest's RAM file is
 (:meth:`VmmLink.ram_path`, ``qom-get`` of ``mem-path``) and what the storage
@@ -63,6 +64,11 @@ class VmmHooks(Protocol):
 
     def vmm_state(self, status: str, data: dict[str, Any]) -> None:
         """Report a state change (the VMM_STATE event)."""
+
+    async def attached(self) -> None:
+        """Connected (again), before notifications are accepted: re-learn what a
+        new QEMU may have changed (its RAM file).  An exception drops the
+        connection; the link tries again."""
 
 
 def parse_skeys(text: str) -> dict[int, int]:
@@ -148,16 +154,25 @@ class VmmLink:
                 await asyncio.sleep(backoff)
                 backoff = min(self.config.reconnect_backoff_cap, backoff * 2)
                 continue
-            backoff = 0.05
+            attach_failed = False
             try:
                 await self._session(client)
             except (QMPError, OSError, EOFError) as exc:
                 log.info("QMP link to %s lost: %s", self.config.qmp_socket, exc)
+            except (RuntimeError, ValueError) as exc:
+                # attached() failed (no RAM file, a wrong size): keep trying, slower.
+                log.error("attaching to QEMU at %s failed: %s", self.config.qmp_socket, exc)
+                attach_failed = True
             finally:
                 self._client = None
                 self._connected.clear()
                 with contextlib.suppress(Exception):
                     await client.disconnect()
+            if attach_failed:
+                await asyncio.sleep(backoff)
+                backoff = min(self.config.reconnect_backoff_cap, backoff * 2)
+            else:
+                backoff = 0.05
             self._set_status("disconnected", {})
             self.hooks.hold("disconnected")
             self._arm_grace()
@@ -176,6 +191,7 @@ class VmmLink:
             reply = await client.execute("query-status")
             self._client = client
             self.connects += 1
+            await self.hooks.attached()
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
                 self._grace_timer = None

@@ -1,5 +1,19 @@
 """Test support: a real s390x guest under QEMU TCG that clears adapter indicators.
 
-:mod:`indicators.testing.guest` is the guest program's ABI (parameter block,
-results, reports); :mod:`indicators.testing.qemu` builds and runs it.
+The layers, each usable on its own:
+
+- :mod:`indicators.testing.guest`: the guest program's ABI (parameter block,
+  groups of areas behind one summary, results, reports) and its source;
+- :mod:`indicators.testing.build`: the toolchain, and the guest built once
+  per source into a cache;
+- :mod:`indicators.testing.qemu`: :class:`~indicators.testing.qemu.AirqGuest`,
+  one QEMU running the guest with its RAM shared with this process;
+- :mod:`indicators.testing.layout`: from device configs to the guest's layout;
+- :mod:`indicators.testing.rig`: :class:`~indicators.testing.rig.IndicatorsRig`,
+  the guest plus an ``indicators`` daemon attached to it;
+- :mod:`indicators.testing.plugin`: the pytest plugin (entry point
+  ``pytest11``, name ``indicators``) with the rig as fixtures.
+
+Nothing is imported here, so loading the plugin costs a pytest run nothing
+until a test asks for the rig.
 """

@@ -19,18 +19,21 @@ touches only 0x20000 and up.  The guest runs with ``-smp 1,maxcpus=2``:
 with plain ``-smp 1`` TCG runs non-parallel and the guest's CS/CSG stop being
 host atomics, so host and guest updates would be lost.
 
-:func:`skip_reason` says which binaries are missing and how to install them;
-:func:`build_guest` assembles and links the guest once per source hash into
-``$XDG_CACHE_HOME/indicators`` (or ``~/.cache/indicators``).
+With ``vmm_socket`` QEMU serves a second QMP monitor at that path, for a
+VMM link (the ``indicators`` daemon's) next to this object's own client:
+a QMP socket serves one client at a time.
+
+The toolchain (:func:`skip_reason`, :func:`build_guest`) lives in
+:mod:`indicators.testing.build`, the errors in :mod:`indicators.testing.errors`,
+storage keys in :mod:`indicators.testing.skeys`; what a caller of
+:class:`AirqGuest` needs is re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
-import re
 import shutil
 import socket
 import struct
@@ -39,16 +42,27 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from indicators.guestmem import GuestMemory
+from indicators.testing.build import (
+    QEMU,
+    ToolsMissingError,
+    build_guest,
+    missing_tools,
+    skip_reason,
+)
+from indicators.testing.errors import (
+    BadParametersError,
+    BootError,
+    GuestProgramCheck,
+    GuestTimeoutError,
+    RigError,
+)
 from indicators.testing.guest import (
-    LINKER_SCRIPT,
     OFF_ACK,
     OFF_CLEARED,
     OFF_CONTROL,
@@ -58,222 +72,48 @@ from indicators.testing.guest import (
     OFF_ROUNDS,
     OFF_STATE,
     OFF_SUMMARY_HITS,
-    PAGE_SIZE,
     PARAM_GADDR,
     RESULTS_GADDR,
-    SOURCE,
     Command,
     GuestState,
+    GuestStats,
     Layout,
     ParamError,
     ProgramCheck,
 )
+from indicators.testing.skeys import StorageKey, parse_skeys
 
 __all__ = [
-    "APT_PACKAGES",
+    "DEFAULT_MEMORY",
     "AirqGuest",
     "BadParametersError",
     "BootError",
-    "BuildError",
     "GuestProgramCheck",
     "GuestStats",
     "GuestTimeoutError",
     "RigError",
     "StorageKey",
     "ToolsMissingError",
-    "build_guest",
-    "cache_dir",
-    "missing_tools",
     "parse_skeys",
     "skip_reason",
 ]
 
-QEMU = "qemu-system-s390x"
-ASSEMBLER = "s390x-linux-gnu-as"
-LINKER = "s390x-linux-gnu-ld"
-AS_FLAGS = ("-m64", "-march=z13")
-# binary -> Debian package that ships it
-TOOLS = {
-    QEMU: "qemu-system-misc",
-    ASSEMBLER: "binutils-s390x-linux-gnu",
-    LINKER: "binutils-s390x-linux-gnu",
-}
-APT_PACKAGES = ("qemu-system-misc", "binutils-s390x-linux-gnu")
 DEFAULT_MEMORY = 32 << 20
 _POLL = 0.001
-
-
-# ----------------------------------------------------------------- errors
-
-
-class RigError(Exception):
-    """Root of this module's errors."""
-
-
-class ToolsMissingError(RigError):
-    """Binaries the rig needs are not on PATH (``missing`` names them)."""
-
-    def __init__(self, missing: Sequence[str]) -> None:
-        self.missing = tuple(missing)
-        super().__init__(_missing_message(self.missing))
-
-
-class BuildError(RigError):
-    """Assembling or linking the guest failed; ``output`` is the tool's."""
-
-    def __init__(self, command: Sequence[str], output: str) -> None:
-        self.command = tuple(command)
-        self.output = output
-        super().__init__(f"{' '.join(self.command)} failed:\n{output}")
-
-
-class BootError(RigError):
-    """QEMU exited or the guest never ran; ``log`` is QEMU's output."""
-
-    def __init__(self, reason: str, log: str = "") -> None:
-        self.log = log
-        super().__init__(f"{reason}\nQEMU output:\n{log}" if log else reason)
-
-
-class GuestTimeoutError(RigError):
-    """The guest did not reach a state in time (``state`` is its state word)."""
-
-    def __init__(self, what: str, timeout: float, state: int) -> None:
-        self.state = state
-        super().__init__(f"guest did not {what} within {timeout:g} s (state {state})")
-
-
-class BadParametersError(RigError):
-    """The guest rejected the parameter block: ``reason`` and ``area`` index."""
-
-    def __init__(self, reason: ParamError, area: int) -> None:
-        self.reason = reason
-        self.area = area
-        super().__init__(f"guest rejected the parameter block: {reason.name} (area {area})")
-
-
-class GuestProgramCheck(RigError):
-    """The guest took a program check; ``report`` is what it wrote."""
-
-    def __init__(self, report: ProgramCheck) -> None:
-        self.report = report
-        super().__init__(f"guest {report}")
-
-
-# ------------------------------------------------------------------ tools
-
-
-def missing_tools() -> list[str]:
-    """The binaries of :data:`TOOLS` that are not on PATH."""
-    return [tool for tool in TOOLS if shutil.which(tool) is None]
-
-
-def _missing_message(missing: Sequence[str]) -> str:
-    packages = sorted({TOOLS[t] for t in missing})
-    return f"missing {', '.join(missing)}; install with: apt-get install -y {' '.join(packages)}"
-
-
-def skip_reason() -> str | None:
-    """Why the QEMU rig cannot run here (a pytest skip message), or None."""
-    missing = missing_tools()
-    return _missing_message(missing) if missing else None
-
-
-def cache_dir() -> Path:
-    """Where built guests are kept: ``$XDG_CACHE_HOME/indicators`` or ``~/.cache/indicators``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "indicators"
-
-
-def build_guest(cache: Path | None = None) -> Path:
-    """The guest ELF, assembled and linked unless the cache has this source's build."""
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), LINKER_SCRIPT.read_bytes(), " ".join(AS_FLAGS).encode()):
-        digest.update(len(part).to_bytes(8, "big") + part)
-    cache = cache_dir() if cache is None else cache
-    elf = cache / f"airq-{digest.hexdigest()[:16]}.elf"
-    if elf.exists():
-        return elf
-    missing = [t for t in (ASSEMBLER, LINKER) if shutil.which(t) is None]
-    if missing:
-        raise ToolsMissingError(missing)
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        obj, out = Path(tmp) / "airq.o", Path(tmp) / "airq.elf"
-        for cmd in (
-            [ASSEMBLER, *AS_FLAGS, str(SOURCE), "-o", str(obj)],
-            [LINKER, "-T", str(LINKER_SCRIPT), str(obj), "-o", str(out)],
-        ):
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise BuildError(cmd, proc.stdout + proc.stderr)
-        os.replace(out, elf)  # atomic: concurrent builders agree on the result
-    return elf
-
-
-# ---------------------------------------------------------- storage keys
-
-
-class StorageKey(NamedTuple):
-    """One page's storage key as QMP ``dump-skeys`` reports it."""
-
-    page_gaddr: int
-    key: int
-
-    @property
-    def acc(self) -> int:
-        """Access-control bits (the key a store must match)."""
-        return self.key >> 4
-
-    @property
-    def fetch(self) -> bool:
-        """Fetch-protection bit."""
-        return bool(self.key & 0x08)
-
-    @property
-    def ref(self) -> bool:
-        """Reference bit."""
-        return bool(self.key & 0x04)
-
-    @property
-    def change(self) -> bool:
-        """Change bit."""
-        return bool(self.key & 0x02)
-
-
-_SKEY_LINE = re.compile(r"^page=([0-9a-fA-F]+): key\((\d+)\)")
-
-
-def parse_skeys(text: str) -> dict[int, StorageKey]:
-    """Parse a ``dump-skeys`` file: ``page=080: key(54) => ACC=3, ...`` per 4 KiB page."""
-    keys: dict[int, StorageKey] = {}
-    for line in text.splitlines():
-        m = _SKEY_LINE.match(line)
-        if m:
-            gaddr = int(m.group(1), 16) * PAGE_SIZE
-            keys[gaddr] = StorageKey(gaddr, int(m.group(2)))
-    return keys
 
 
 # ------------------------------------------------------------------ guest
 
 
-@dataclass(frozen=True)
-class GuestStats:
-    """The guest's own statistics (block fields of the same names)."""
-
-    rounds: int
-    summary_hits: int
-    cleared: int
-    rescan_cleared: int
-
-
-def _reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
+def _reap(proc: subprocess.Popen[bytes], workdir: str, vmm_socket: str | None) -> None:
     """Kill QEMU and remove its files; safe to call twice (also from a finalizer)."""
     if proc.poll() is None:
         proc.kill()
         proc.wait()
     shutil.rmtree(workdir, ignore_errors=True)
+    if vmm_socket is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(vmm_socket)
 
 
 class AirqGuest:
@@ -282,7 +122,8 @@ class AirqGuest:
     ``memory_size`` is the guest's RAM (and RAM file) in bytes; ``workdir``
     is where the private temporary directory (RAM file, QMP socket, log) is
     made; ``elf`` overrides the built guest; ``qemu_args`` are appended to
-    the command line.
+    the command line; ``vmm_socket`` is the path of a second QMP monitor
+    (removed again by :meth:`close`).
     """
 
     def __init__(
@@ -293,6 +134,7 @@ class AirqGuest:
         workdir: str | os.PathLike[str] | None = None,
         elf: Path | None = None,
         qemu_args: Sequence[str] = (),
+        vmm_socket: str | os.PathLike[str] | None = None,
     ) -> None:
         if memory_size % (1 << 20):
             raise ValueError(f"memory size {memory_size:#x} is not a multiple of 1 MiB")
@@ -302,9 +144,12 @@ class AirqGuest:
         self._workdir_parent = workdir
         self._elf = elf
         self._qemu_args = tuple(qemu_args)
+        self.vmm_socket = None if vmm_socket is None else os.fspath(vmm_socket)
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize[[subprocess.Popen[bytes], str], AirqGuest] | None = None
+        self._finalizer: (
+            weakref.finalize[[subprocess.Popen[bytes], str, str | None], AirqGuest] | None
+        ) = None
         self._memory: GuestMemory | None = None
         self._qmp: QMPClient | None = None
         self._seq = 0
@@ -328,6 +173,12 @@ class AirqGuest:
         """The QEMU command line (valid once :meth:`start` made the files)."""
         d = self._require_dir()
         size = f"{self.memory_size >> 20}M"
+        vmm: list[str] = []
+        if self.vmm_socket is not None:
+            vmm = [
+                "-chardev", f"socket,id=vmm,path={self.vmm_socket},server=on,wait=off",
+                "-mon", "chardev=vmm,mode=control",
+            ]  # fmt: skip
         return [
             QEMU,
             "-machine", "s390-ccw-virtio,memory-backend=mem0",
@@ -339,6 +190,7 @@ class AirqGuest:
             "-action", "panic=pause",  # a disabled wait leaves QEMU up to inspect
             "-qmp", f"unix:{d / 'qmp.sock'},server=on,wait=off",
             "-kernel", str(self._elf),
+            *vmm,
             *self._qemu_args,
         ]  # fmt: skip
 
@@ -376,7 +228,7 @@ class AirqGuest:
             self._proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
-        self._finalizer = weakref.finalize(self, _reap, self._proc, str(self._dir))
+        self._finalizer = weakref.finalize(self, _reap, self._proc, str(self._dir), self.vmm_socket)
         self._qmp = await self._connect_qmp(t0 + timeout)
         await self._wait(
             lambda: self.state() != GuestState.NOT_STARTED, "start", t0 + timeout - time.monotonic()
@@ -436,6 +288,16 @@ class AirqGuest:
         if self._qmp is None:
             raise RigError("QMP is not connected (not started or closed)")
         return self._qmp
+
+    @property
+    def running(self) -> bool:
+        """Whether QEMU was started and has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def ram_path(self) -> str:
+        """The RAM file QEMU and this process share (gone after :meth:`close`)."""
+        return str(self._require_dir() / "ram")
 
     @property
     def pid(self) -> int:
@@ -522,11 +384,19 @@ class AirqGuest:
         return self.rounds()
 
     async def storage_keys(self) -> dict[int, StorageKey]:
-        """Every page's storage key, by QMP ``dump-skeys``, keyed by page gaddr."""
+        """Every page's storage key, by QMP ``dump-skeys``, keyed by page gaddr.
+
+        Empty while the guest has used no key instruction (QEMU then keeps
+        no keys: every key is 0).
+        """
         path = self._require_dir() / "skeys"
         try:
             await self.qmp.execute("dump-skeys", {"filename": str(path)})
             return parse_skeys(path.read_text())
+        except ExecuteError as exc:
+            if "not using storage keys" in str(exc):  # QEMU gives no finer error class
+                return {}
+            raise
         finally:
             path.unlink(missing_ok=True)
 

@@ -11,16 +11,22 @@ What the guest does
 
 At start it installs new PSWs (program check: a handler that writes a report
 and stops; every other interruption: a disabled wait), checks the parameter
-block (magic, version, counts, counter ranges), applies the storage keys
-listed in it with SSKE, sets ``state`` to RUNNING and loops.  One round: for
-every area whose summary bit is set,
+block (magic, version, counts, counter ranges, groups), applies the storage
+keys listed in it with SSKE, sets ``state`` to RUNNING and loops.  Areas that
+share one summary bit (several devices behind one summary, as Linux's
+``airq_info`` has them) form a group.  One round: for every group whose
+summary bit is set,
 
-1. scan the area's DSCI bits and atomically clear each set one (CSG on the
-   aligned doubleword, never NI: that is interlocked only with iacc2),
-   adding 1 to the vector's counter for each bit its own CSG cleared;
-2. clear only the area's summary bit (CS loop on the aligned word, so
+1. scan the DSCI bits of every area of the group and atomically clear each
+   set one (CSG on the aligned doubleword, never NI: that is interlocked only
+   with iacc2), adding 1 to the vector's counter for each bit its own CSG
+   cleared;
+2. clear only the group's summary bit (CS loop on the aligned word, so
    zPCI-style summaries that share a byte work);
-3. scan the DSCI bits once more.
+3. scan every area of the group once more.
+
+Clearing a shared summary after scanning only one of its areas would strand
+a bit that another area's host set while the summary was already set.
 
 then it adds 1 to ``rounds`` (the heartbeat) and looks at ``control``.  With
 the host's order (DSCI bit, then summary) no set bit is ever stranded, and
@@ -50,7 +56,7 @@ Parameter block (big-endian; host writes before boot unless noted)
 offset  size  field               meaning
 ======  ====  ==================  =========================================
 0x000   8     magic               ``b"AIRQRIG1"``
-0x008   4     version             1
+0x008   4     version             2
 0x00c   4     n_areas             at most 32
 0x010   4     n_keys              at most 64
 0x014   4     n_counters          counters in the results area
@@ -72,13 +78,16 @@ offset  size  field               meaning
 0x080   128   pgm_gprs            r0-r15 at the program check
 0x100   1024  areas[32]           32 bytes each, see below
 0x500   1024  keys[64]            16 bytes each, see below
+0xf00   24    (guest-internal)    register save of the group scan
 ======  ====  ==================  =========================================
 
 Area entry: ``+0x00 u64 summary_gaddr``, ``+0x08 u64 dsci_gaddr``,
 ``+0x10 u32 first_bit`` (MSB-0: bit n is byte ``dsci + n // 8``, mask
 ``0x80 >> n % 8``), ``+0x14 u32 n_vectors``, ``+0x18 u32 counter_base``
 (vector v counts in counter ``counter_base + v``), ``+0x1c u8
-summary_mask``, 3 bytes zero.
+summary_mask``, ``+0x1d u8 group`` (areas from this one to the end of its
+group: areas sharing a summary bit are consecutive, the first one's
+``group`` counts them all; 1 for an area alone), 2 bytes zero.
 
 Key entry: ``+0x00 u64 page_gaddr``, ``+0x08 u8 key`` (ACC << 4 | F << 3 |
 R << 2 | C << 1, as SSKE takes it), 7 bytes zero.
@@ -119,6 +128,7 @@ __all__ = [
     "Area",
     "Command",
     "GuestState",
+    "GuestStats",
     "KeySetting",
     "Layout",
     "ParamError",
@@ -138,7 +148,7 @@ MAX_KEYS = 64
 MAX_COUNTERS = (PROGRAM_GADDR - RESULTS_GADDR) // 8
 
 MAGIC = b"AIRQRIG1"
-VERSION = 1
+VERSION = 2
 PAGE_SIZE = 4096
 
 # Field offsets in the parameter block (see the table above).
@@ -157,7 +167,7 @@ AREA_SIZE = 32
 KEY_SIZE = 16
 
 _HEADER = struct.Struct(">8sIIIIQ")
-_AREA = struct.Struct(">QQIIIB3x")
+_AREA = struct.Struct(">QQIIIBB2x")
 _KEY = struct.Struct(">QB7x")
 _PGM = struct.Struct(">IHHQQQ16Q")
 
@@ -192,6 +202,7 @@ class ParamError(IntEnum):
     N_KEYS = 4
     COUNTERS = 5
     N_VECTORS = 6
+    GROUP = 7
 
 
 class WaitCode(IntEnum):
@@ -267,10 +278,29 @@ class KeySetting:
 
 @dataclass(frozen=True)
 class Layout:
-    """What the guest scans: areas, storage keys and the number of counters."""
+    """What the guest scans: areas, storage keys and the number of counters.
+
+    Areas that share a summary bit (equal ``summary_gaddr`` and
+    ``summary_mask``) are moved next to each other, in the order of their
+    first appearance, because the guest scans them as one group; the area
+    index in a :class:`ParamError` refers to that order.
+    """
 
     areas: tuple[Area, ...]
     keys: tuple[KeySetting, ...] = ()
+
+    def __post_init__(self) -> None:
+        groups: dict[tuple[int, int], list[Area]] = {}
+        for area in self.areas:
+            groups.setdefault((area.summary_gaddr, area.summary_mask), []).append(area)
+        object.__setattr__(self, "areas", tuple(a for group in groups.values() for a in group))
+
+    def groups(self) -> list[tuple[Area, ...]]:
+        """The areas grouped by summary bit, as the guest scans them."""
+        groups: dict[tuple[int, int], list[Area]] = {}
+        for area in self.areas:
+            groups.setdefault((area.summary_gaddr, area.summary_mask), []).append(area)
+        return [tuple(group) for group in groups.values()]
 
     @property
     def n_counters(self) -> int:
@@ -283,8 +313,19 @@ class Layout:
             raise ValueError(f"{len(self.areas)} areas, at most {MAX_AREAS}")
         if len(self.keys) > MAX_KEYS:
             raise ValueError(f"{len(self.keys)} storage keys, at most {MAX_KEYS}")
+        masks: dict[int, set[int]] = {}
         for area in self.areas:
             area.check(memory_size)
+            masks.setdefault(area.summary_gaddr, set()).add(area.summary_mask)
+        for gaddr, in_byte in masks.items():
+            union = 0
+            for mask in in_byte:
+                union |= mask
+            if sum(m.bit_count() for m in in_byte) != union.bit_count():
+                raise ValueError(
+                    f"summary byte {gaddr:#x}: masks {sorted(in_byte)} overlap without being "
+                    f"equal (areas share a summary bit only with the same mask)"
+                )
         for key in self.keys:
             key.check(memory_size)
 
@@ -301,20 +342,34 @@ class Layout:
             self.n_counters,
             RESULTS_GADDR,
         )
-        for i, a in enumerate(self.areas):
-            _AREA.pack_into(
-                block,
-                OFF_AREAS + i * AREA_SIZE,
-                a.summary_gaddr,
-                a.dsci_gaddr,
-                a.first_bit,
-                a.n_vectors,
-                a.counter_base,
-                a.summary_mask,
-            )
+        i = 0
+        for group in self.groups():
+            for left, a in zip(range(len(group), 0, -1), group, strict=True):
+                _AREA.pack_into(
+                    block,
+                    OFF_AREAS + i * AREA_SIZE,
+                    a.summary_gaddr,
+                    a.dsci_gaddr,
+                    a.first_bit,
+                    a.n_vectors,
+                    a.counter_base,
+                    a.summary_mask,
+                    left,
+                )
+                i += 1
         for i, k in enumerate(self.keys):
             _KEY.pack_into(block, OFF_KEYS + i * KEY_SIZE, k.page_gaddr, k.key)
         return bytes(block)
+
+
+@dataclass(frozen=True)
+class GuestStats:
+    """The guest's own statistics (block fields of the same names)."""
+
+    rounds: int
+    summary_hits: int
+    cleared: int
+    rescan_cleared: int
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,21 @@
  * layout is documented, and encoded, in indicators/testing/guest/__init__.py.
  * Offsets below must match it (the Python side checks the version word).
  *
- * Each round, for every area whose summary bit is set:
- *   1. scan the area's DSCI bits and atomically clear the set ones, counting
- *      one per cleared bit in that vector's u64 counter;
- *   2. clear only this area's summary bit (CS loop on the aligned word);
- *   3. scan the DSCI bits once more (CS above serializes, so this is the
- *      barrier Linux spells smp_wmb).
+ * Areas that share one summary bit (several devices behind one summary,
+ * as Linux's airq_info has them) come consecutively in the block, as a
+ * group: the first area's A_GROUP says how many.  Each round, for every
+ * group whose summary bit is set:
+ *   1. scan the DSCI bits of every area of the group and atomically clear
+ *      the set ones, counting one per cleared bit in that vector's u64
+ *      counter;
+ *   2. clear only the group's summary bit (CS loop on the aligned word);
+ *   3. scan every area of the group once more (CS above serializes, so this
+ *      is the barrier Linux spells smp_wmb).
  * A host that sets the DSCI bit before the summary can then never strand a
  * bit: if it set the summary after our clear in step 2, the next round scans;
- * if before, its DSCI bit was already visible to the rescan in step 3.
+ * if before, its DSCI bit was already visible to the rescan in step 3.  Had
+ * step 2 followed the scan of one area only, a bit another area's host set
+ * behind the already-set summary would be stranded.
  *
  * Clearing is a CSG on the aligned doubleword that holds the bits, never
  * NI/OI (interlocked only with the iacc2 facility) and never a plain store:
@@ -36,7 +42,7 @@
         .set    PARAM,            0x2000
         .set    MAGIC_HI,         0x41495251      /* "AIRQ" */
         .set    MAGIC_LO,         0x52494731      /* "RIG1" */
-        .set    VERSION,          1
+        .set    VERSION,          2
         .set    MAX_AREAS,        32
         .set    MAX_KEYS,         64
 
@@ -75,10 +81,13 @@
         .set    A_NVEC,           0x14    /* u32 number of vectors */
         .set    A_CBASE,          0x18    /* u32 index of vector 0's counter */
         .set    A_SMASK,          0x1c    /* u8 summary mask within its byte */
+        .set    A_GROUP,          0x1d    /* u8 areas from here to the end of
+                                             the group sharing this summary */
         .set    P_KEYS,           0x500
         .set    KEY_SIZE,         16
         .set    K_PAGE,           0x00    /* u64 gaddr inside the 4 KiB page */
         .set    K_KEY,            0x08    /* u8 ACC<<4 | F<<3 | R<<2 | C<<1 */
+        .set    P_GSAVE,          0xf00   /* guest-internal: scan_group's r10, r11, r14 */
 
         .set    ST_RUNNING,       1
         .set    ST_PARKED,        2
@@ -97,6 +106,7 @@
         .set    ERR_NKEYS,        4
         .set    ERR_COUNTERS,     5       /* error = ERR_COUNTERS << 16 | area */
         .set    ERR_NVEC,         6       /* error = ERR_NVEC << 16 | area */
+        .set    ERR_GROUP,        7       /* error = ERR_GROUP << 16 | area */
 
         /* lowcore */
         .set    LC_PGM_ILC,       0x08c
@@ -141,6 +151,11 @@ _start:
         llgf    %r5,P_NCOUNTERS(%r13)
         clgr    %r4,%r5
         jh      bad_counters
+        llgc    %r4,A_GROUP(%r11)       /* 1 <= group <= areas left (this one too) */
+        ltgr    %r4,%r4
+        jz      bad_group
+        clgr    %r4,%r10
+        jh      bad_group
         la      %r11,AREA_SIZE(%r11)
         aghi    %r2,1
         brctg   %r10,1b
@@ -165,17 +180,17 @@ round:
         la      %r11,P_AREAS(%r13)
         ltgr    %r10,%r10
         jz      round_end
-area:
+area:   /* %r11: the first area of a group, %r10: areas left */
         lg      %r1,A_SUMMARY(%r11)
         llc     %r2,0(%r1)
         llc     %r3,A_SMASK(%r11)
         nr      %r2,%r3
-        jz      next_area
+        jz      next_group
         agsi    P_SUMMARY_HITS(%r13),1
 
-        brasl   %r14,scan               /* 1. scan with the summary set */
+        brasl   %r14,scan_group         /* 1. scan with the summary set */
 
-        /* 2. clear this area's summary bit, and only it */
+        /* 2. clear the group's summary bit, and only it */
         lg      %r1,A_SUMMARY(%r11)
         lghi    %r2,3
         ngr     %r2,%r1                 /* byte index in its word */
@@ -194,14 +209,18 @@ area:
 
         /* 3. rescan: CS above serialized, the summary clear is visible */
         mvc     P_SCRATCH(8,%r13),P_CLEARED(%r13)
-        brasl   %r14,scan
+        brasl   %r14,scan_group
         lg      %r1,P_CLEARED(%r13)
         sg      %r1,P_SCRATCH(%r13)
         ag      %r1,P_RESCAN_CLEARED(%r13)
         stg     %r1,P_RESCAN_CLEARED(%r13)
-next_area:
-        la      %r11,AREA_SIZE(%r11)
-        brctg   %r10,area
+next_group:
+        llgc    %r1,A_GROUP(%r11)       /* validated: 1..areas left */
+        sgr     %r10,%r1
+        sllg    %r1,%r1,5               /* * AREA_SIZE */
+        agr     %r11,%r1
+        ltgr    %r10,%r10
+        jh      area
 round_end:
         agsi    P_ROUNDS(%r13),1
         lg      %r1,P_CONTROL(%r13)
@@ -240,6 +259,22 @@ fault:  stg     %r1,P_ACK(%r13)
 fault_insn:
         .word   0x0000                  /* invalid opcode: operation exception */
         j       round
+
+/* ----------------------------------------------------------- scan_group
+ * Scan every area of the group starting at %r11 (A_GROUP areas).  Clobbers
+ * what scan clobbers; keeps %r10, %r11 and %r14 (saved in the block: there
+ * is no stack).
+ */
+scan_group:
+        stmg    %r10,%r11,P_GSAVE(%r13)
+        stg     %r14,P_GSAVE+16(%r13)
+        llgc    %r10,A_GROUP(%r11)
+11:     brasl   %r14,scan
+        la      %r11,AREA_SIZE(%r11)
+        brctg   %r10,11b
+        lmg     %r10,%r11,P_GSAVE(%r13)
+        lg      %r14,P_GSAVE+16(%r13)
+        br      %r14
 
 /* ----------------------------------------------------------------- scan
  * Test-and-clear every set DSCI bit of the area at %r11 and count each in
@@ -321,6 +356,9 @@ bad_nkeys:
         j       bad
 bad_nvec:
         llilh   %r1,ERR_NVEC
+        j       bad_area
+bad_group:
+        llilh   %r1,ERR_GROUP
         j       bad_area
 bad_counters:
         llilh   %r1,ERR_COUNTERS

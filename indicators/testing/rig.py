@@ -1,0 +1,359 @@
+"""A real s390x guest with an ``indicators`` daemon attached: the integration rig.
+
+:class:`IndicatorsRig` starts, in a private temporary directory:
+
+1. ``qemu-system-s390x`` (TCG) running the airq guest
+   (:class:`~indicators.testing.qemu.AirqGuest`) over the layout of the
+   devices (:mod:`indicators.testing.layout`), with a second QMP monitor for
+   the daemon's VMM link;
+2. an in-process :class:`~indicators.daemon.service.Service`: the emulated
+   backend over the guest's RAM file (``ram = "auto"``, found by the VMM
+   link's ``qom-get``), the VMM link on that second monitor, the control
+   socket in the directory; the storage keys the guest set are loaded from
+   ``dump-skeys``, and the engine counts, per (device, vector), the
+   notifications that found their bit clear (``engine.set_counts``).
+
+    async with IndicatorsRig(devices) as rig:
+        client = await rig.client()
+        await client.execute("notify", {"device": "net0", "vector": [0, 1]})
+        await rig.settle()                       # the guest consumed every bit
+        assert await rig.park() == rig.engine.set_counts
+
+Closing (also after an exception) stops the daemon, kills QEMU and removes
+the directory with the RAM file and the sockets.  :mod:`indicators.testing.plugin`
+wraps this in pytest fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import weakref
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from indicators.config import Config, parse_config
+from indicators.daemon.service import Service
+from indicators.engine import Engine
+from indicators.guestmem import GuestMemory
+from indicators.testing.errors import RigError
+from indicators.testing.guest import FREE_GADDR, GuestState
+from indicators.testing.layout import GuestLayout, derived_storage_keys, guest_layout
+from indicators.testing.qemu import DEFAULT_MEMORY, AirqGuest, StorageKey
+
+__all__ = ["DEFAULT_DEVICES", "IndicatorsRig", "daemon_config"]
+
+#: The layout a test gets when it names none: two virtio-ccw devices behind
+#: one summary byte (ISC 3) and a zPCI function with a single-bit summary.
+DEFAULT_DEVICES: tuple[dict[str, Any], ...] = (
+    {
+        "name": "net0",
+        "kind": "virtio-ccw",
+        "summary_indicator": 0x30000,
+        "device_indicator": 0x31000,
+        "vectors": 8,
+        "isc": 3,
+    },
+    {
+        "name": "blk0",
+        "kind": "virtio-ccw",
+        "summary_indicator": 0x30000,
+        "device_indicator": 0x31001,
+        "vectors": 4,
+        "isc": 3,
+    },
+    {
+        "name": "pci0",
+        "kind": "zpci",
+        "aisb": 0x30010,
+        "aisbo": 0,
+        "aibv": 0x31010,
+        "noi": 16,
+        "isc": 2,
+    },
+)
+
+_DAEMON_STOP = 15.0
+
+
+def daemon_config(
+    devices: Sequence[Mapping[str, Any]],
+    *,
+    memory_size: int,
+    control_socket: str,
+    vmm_socket: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The raw daemon config of a rig; ``overrides`` sections are merged key by key."""
+    raw: dict[str, Any] = {
+        "backend": {"kind": "emulated", "memory_size": memory_size, "ram": "auto"},
+        "devices": [dict(device) for device in devices],
+        "control": {"socket": control_socket},
+        "vmm": {"qmp_socket": vmm_socket},
+    }
+    for section, value in (overrides or {}).items():
+        current = raw.get(section)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            raw[section] = {**current, **value}
+        else:
+            raw[section] = value
+    return raw
+
+
+class IndicatorsRig:
+    """QEMU with the airq guest, and a daemon attached to it; use ``async with``.
+
+    ``devices`` are device config dicts as in a config file (their bits at
+    :data:`~indicators.testing.guest.FREE_GADDR` or above); ``storage_keys``
+    maps page gaddrs to the key byte the guest sets (default:
+    :func:`~indicators.testing.layout.derived_storage_keys`); ``config``
+    holds extra daemon config sections (``{"vmm": {"hold_while_stopped":
+    False}}``); ``vmm_grace`` is how long the daemon holds notifications for
+    a vanished QEMU before it refuses them (the daemon's default: 5 s).
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[Mapping[str, Any]] = DEFAULT_DEVICES,
+        *,
+        storage_keys: Mapping[int, int] | None = None,
+        config: Mapping[str, Any] | None = None,
+        memory_size: int = DEFAULT_MEMORY,
+        vmm_grace: float | None = None,
+        workdir: str | None = None,
+    ) -> None:
+        self.memory_size = memory_size
+        self.vmm_grace = vmm_grace
+        self._dir = Path(tempfile.mkdtemp(prefix="indicators-rig-", dir=workdir))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        try:
+            raw = daemon_config(
+                devices,
+                memory_size=memory_size,
+                control_socket=str(self._dir / "control.sock"),
+                vmm_socket=str(self._dir / "vmm.sock"),
+                overrides=config,
+            )
+            #: The daemon's validated config.
+            self.config: Config = parse_config(raw, "<indicators rig>")
+            keys = (
+                derived_storage_keys(self.config.devices) if storage_keys is None else storage_keys
+            )
+            #: The guest's layout and counter map.
+            self.layout: GuestLayout = guest_layout(self.config.devices, keys, memory_size)
+        except BaseException:
+            self._cleanup()
+            raise
+        self._guest: AirqGuest | None = None
+        self._service: Service | None = None
+        self._clients: list[QMPClient] = []
+        self._owned = sorted(self.config_owned_bytes())
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> IndicatorsRig:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Boot the guest, start the daemon, load the storage keys; undone on failure."""
+        try:
+            await self.start_qemu()
+            service = Service(self.config)
+            self._service = service
+            await service.start()
+            service.engine.set_counts = Counter()
+            if self.vmm_grace is not None and service.vmm is not None:
+                service.vmm.grace = self.vmm_grace
+            await service.refresh_storage_keys()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Disconnect clients, stop the daemon, kill QEMU, remove the files.  Idempotent."""
+        try:
+            for client in self._clients:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+            self._clients.clear()
+            if self._service is not None:
+                service, self._service = self._service, None
+                try:
+                    await asyncio.wait_for(service.stop(grace=5.0), _DAEMON_STOP)
+                finally:
+                    if service.wiring is not None:  # stop timed out: unmap anyway
+                        service.wiring.close()
+        finally:
+            await self.kill_qemu()
+            self._cleanup()
+
+    async def kill_qemu(self) -> None:
+        """Kill QEMU (SIGKILL, no shutdown) and remove its RAM file; the daemon stays."""
+        if self._guest is not None:
+            await self._guest.close()
+
+    async def start_qemu(self, *, timeout: float = 10.0) -> None:
+        """Boot a (new) QEMU with the same layout and VMM socket.
+
+        With the daemon running, wait until it re-attached (mapped the new
+        RAM file) and reload the storage keys the new guest set.
+        """
+        if self._guest is not None and self._guest.running:
+            raise RigError("QEMU is still running: kill_qemu() first")
+        guest = AirqGuest(
+            self.layout.layout,
+            memory_size=self.memory_size,
+            workdir=str(self._dir),
+            vmm_socket=self._dir / "vmm.sock",
+        )
+        await guest.start(timeout=timeout)
+        self._guest = guest
+        service = self._service
+        if service is not None:
+            await self._wait_attached(service, guest.ram_path, timeout)
+            await service.refresh_storage_keys()
+
+    async def _wait_attached(self, service: Service, ram_path: str, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            wiring, vmm = service.wiring, service.vmm
+            memory = getattr(wiring.backend, "memory", None) if wiring else None
+            if (
+                isinstance(memory, GuestMemory)
+                and memory.path == ram_path
+                and vmm is not None
+                and vmm.status != "disconnected"
+                and service.engine.unavailable is None
+            ):
+                return
+            if loop.time() > deadline:
+                raise RigError(f"the daemon did not attach to the new QEMU in {timeout:g} s")
+            await asyncio.sleep(0.005)
+
+    # ------------------------------------------------------------ accessors
+
+    @property
+    def guest(self) -> AirqGuest:
+        """The running guest (QEMU, its RAM, its own QMP client)."""
+        if self._guest is None:
+            raise RigError("the rig is not started")
+        return self._guest
+
+    @property
+    def service(self) -> Service:
+        """The daemon, running in this process."""
+        if self._service is None:
+            raise RigError("the daemon is not running")
+        return self._service
+
+    @property
+    def engine(self) -> Engine:
+        """The daemon's engine (``engine.set_counts`` counts what found its bit clear)."""
+        return self.service.engine
+
+    @property
+    def control_socket(self) -> str:
+        """The daemon's control socket (QMP)."""
+        return self.service.socket_path
+
+    @property
+    def vmm_socket(self) -> str:
+        """QEMU's second QMP monitor, the daemon's VMM link."""
+        return str(self._dir / "vmm.sock")
+
+    @property
+    def directory(self) -> Path:
+        """The rig's private directory (sockets, QEMU's files)."""
+        return self._dir
+
+    async def client(self, name: str = "indicators-test") -> QMPClient:
+        """A new ``QMPClient`` connected to the daemon (disconnected by :meth:`close`)."""
+        client = QMPClient(name)
+        await client.connect(self.control_socket)
+        self._clients.append(client)
+        return client
+
+    # ---------------------------------------------------------- the guest
+
+    async def settle(self, *, timeout: float = 10.0) -> None:
+        """Wait until the daemon applied everything and the guest consumed it."""
+        await asyncio.wait_for(self.engine.drain(), timeout)
+        # A full round that starts after the last host store clears every bit.
+        await self.guest.wait_rounds(3, timeout=timeout)
+
+    async def park(self, *, timeout: float = 5.0) -> Counter[tuple[str, int]]:
+        """Park the guest; its clear counts per (device, vector) (zeros left out)."""
+        return Counter(self.layout.by_target(await self.guest.park(timeout=timeout)))
+
+    async def resume(self, *, timeout: float = 5.0) -> None:
+        """Let a parked guest scan again."""
+        await self.guest.resume(timeout=timeout)
+
+    def counts(self) -> Counter[tuple[str, int]]:
+        """The guest's counts now, without parking (each one exact, not a snapshot)."""
+        return Counter(self.layout.by_target(self.guest.counts(require_parked=False)))
+
+    def state(self) -> GuestState:
+        """The guest's state word."""
+        return self.guest.state()
+
+    async def storage_keys(self) -> dict[int, StorageKey]:
+        """Every page's storage key as QEMU reports it (``dump-skeys``), by page gaddr."""
+        return await self.guest.storage_keys()
+
+    async def refresh_storage_keys(self) -> int:
+        """Have the daemon reload the keys from ``dump-skeys``; pages loaded."""
+        return await self.service.refresh_storage_keys()
+
+    # ------------------------------------------------------------- memory
+
+    def config_owned_bytes(self) -> set[int]:
+        """Every gaddr that holds a configured DSCI or summary bit."""
+        owned: set[int] = set()
+        for device in self.config.devices:
+            bits = device.dsci_bits()
+            owned.update(range(bits.start // 8, (bits.stop - 1) // 8 + 1))
+            owned.add(device.summary_bit() // 8)
+        return owned
+
+    def indicators(self) -> bytes:
+        """The indicator and summary bytes, in gaddr order (a snapshot to compare)."""
+        read = self.guest.memory.read
+        return bytes(read(gaddr, 1)[0] for gaddr in self._owned)
+
+    def snapshot(self) -> bytes:
+        """Guest RAM from :data:`~indicators.testing.guest.FREE_GADDR` up: everything
+        but the guest's own lowcore, parameter block, results and program."""
+        return self.guest.memory.read(FREE_GADDR, self.memory_size - FREE_GADDR)
+
+    def changes_outside_indicators(self, before: bytes, after: bytes) -> dict[int, tuple[int, int]]:
+        """``{gaddr: (old, new)}`` of bytes that differ between two :meth:`snapshot`\\ s,
+        leaving out the indicator and summary bytes."""
+        owned = set(self._owned)
+        changed: dict[int, tuple[int, int]] = {}
+        page = 4096
+        for offset in range(0, len(before), page):
+            if before[offset : offset + page] == after[offset : offset + page]:
+                continue
+            for i in range(offset, min(offset + page, len(before))):
+                gaddr = FREE_GADDR + i
+                if before[i] != after[i] and gaddr not in owned:
+                    changed[gaddr] = (before[i], after[i])
+        return changed
