@@ -34,9 +34,13 @@ COMMANDS = [
 NAMES = ["device", "vector", "isc", "mode", "adapter", "fdname", "extra", ""]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=20), st.sampled_from(["net0", "pci0", "route0", "all", "single"]),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+    st.sampled_from(["net0", "pci0", "route0", "all", "single"]),
+)
 values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=5)
