@@ -265,6 +265,12 @@ class VmmConfig(_Model):
     hold_while_stopped: bool = True
     reconnect: bool = True
     reconnect_backoff_cap: float = Field(default=2.0, gt=0)
+    disconnect_grace: float = Field(
+        default=5.0,
+        ge=0,
+        description="seconds notifications are held while QEMU is unreachable before "
+        "they fail with code UNAVAILABLE",
+    )
     skeys_refresh: float | None = Field(
         default=None, gt=0, description="seconds between dump-skeys refreshes; none: never"
     )

@@ -83,7 +83,9 @@ class Service:
         ram_path = None
         if self.config.vmm is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
-            self.vmm = VmmLink(self.config.vmm, self, scratch_dir=scratch)
+            self.vmm = VmmLink(
+                self.config.vmm, self, grace=self.config.vmm.disconnect_grace, scratch_dir=scratch
+            )
             self.vmm.start()
             if getattr(self.config.backend, "ram", None) == "auto":
                 await self.vmm.wait_connected(30.0)
