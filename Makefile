@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint system-deps bench fuzz clean
+.PHONY: run test lint system-deps bench fuzz soak clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ fuzz: $(STAMP)
 	cd fuzz && ../$(PY) run_atheris.py decoder -runs=$(FUZZ_RUNS) -max_len=4096 ../.fuzz/decoder corpus/decoder
 	cd fuzz && ../$(PY) run_atheris.py config -runs=$(FUZZ_RUNS) -max_len=4096 ../.fuzz/config corpus/config
 	INDICATORS_FUZZ_EXAMPLES=$(FUZZ_RUNS) $(VENV)/bin/pytest -q -s tests/test_fuzz.py -k protocol
+
+# The soak against a real QEMU guest; SOAK_SECONDS (default 10 minutes).
+SOAK_SECONDS ?= 600
+soak: $(STAMP) system-deps
+	$(PY) -m indicators.testing.soak --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

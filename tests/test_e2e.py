@@ -35,9 +35,9 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from indicators.config import parse_config
 from indicators.engine import Engine, NotifyError
-from indicators.testing.build import skip_reason
 from indicators.testing.guest import FREE_GADDR, PAGE_SIZE, GuestState, Layout, ParamError
 from indicators.testing.layout import derived_storage_keys, guest_layout
+from indicators.testing.plugin import require_qemu
 from indicators.testing.qemu import AirqGuest, BadParametersError
 from indicators.testing.rig import IndicatorsRig
 
@@ -124,11 +124,7 @@ TIMEOUT = 10.0
 @pytest.fixture
 def needs_qemu() -> None:
     """Skip (fail with CI set) without QEMU, for tests that start a rig themselves."""
-    reason = skip_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the QEMU tests: {reason}")
-        pytest.skip(reason)
+    require_qemu()
 
 
 class Load:

@@ -73,6 +73,7 @@ __all__ = [
     "indicators_qmp",
     "indicators_rig",
     "indicators_storage_keys",
+    "require_qemu",
 ]
 
 MARKER = "indicators_layout"
@@ -132,7 +133,8 @@ def indicators_config(request: pytest.FixtureRequest) -> dict[str, Any]:
     return dict(_marker_kwargs(request).get("config") or {})
 
 
-def _require_rig() -> None:
+def require_qemu() -> None:
+    """Skip the calling test without QEMU and the s390x binutils; fail instead with CI set."""
     reason = skip_reason()
     if reason is not None:
         if os.environ.get("CI"):
@@ -152,7 +154,7 @@ async def indicators_rig(
     Torn down after the test, also when it failed or was interrupted: no QEMU
     process, RAM file or socket is left behind.
     """
-    _require_rig()
+    require_qemu()
     from indicators.testing.qemu import DEFAULT_MEMORY
     from indicators.testing.rig import IndicatorsRig
 
