@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from indicators.config import parse_config
 from indicators.engine import Engine, NotifyError
@@ -601,3 +601,100 @@ def test_without_qemu_outside_tests_skip_or_fail_in_ci(
     assert "apt-get install -y binutils-s390x-linux-gnu qemu-system-misc" in result.stdout
     if ci:
         assert "CI must run the QEMU tests" in result.stdout
+
+
+# ------------------------------------------- the VMM link's faults (issue: hardening)
+
+
+class UnixProxy:
+    """A unix-socket proxy in front of QEMU's QMP monitor that can be cut and restored."""
+
+    def __init__(self, path: str, target: str) -> None:
+        self.path = path
+        self.target = target
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        """Hang up every connection and stop listening (the socket file goes away)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@pytest.mark.qemu
+async def test_vmm_socket_dropping_under_load_loses_nothing(
+    needs_qemu: None, tmp_path: Path
+) -> None:
+    """The daemon's QMP link to QEMU goes away and comes back while notifications
+    flow: they are held meanwhile (within the grace period), nothing fails, and
+    every acknowledged notification reaches the guest."""
+    proxy_path = str(tmp_path / "vmm-proxy.sock")
+    vmm = {"qmp_socket": proxy_path, "disconnect_grace": 30.0, "reconnect_backoff_cap": 0.05}
+    rig = IndicatorsRig(DEVICES, config={"vmm": vmm})
+    proxy = UnixProxy(proxy_path, rig.vmm_socket)
+    await proxy.start()
+    async with rig:
+        for _ in range(3):
+            async with loaded(rig) as load:
+                await proxy.cut()
+                await wait_until(lambda: rig.engine.paused, "the daemon holds")
+                held = load.applied
+                await asyncio.sleep(0.3)
+                assert load.applied == held, "applied while the VMM link was down"
+                await proxy.start()
+                await wait_until(lambda: not rig.engine.paused, "the daemon resumes")
+                await wait_until(
+                    lambda held=held: load.applied > held + 1000, "load after the link returned"
+                )
+            assert not load.failures, load.errors
+        await rig.settle()
+        assert await rig.park() == rig.engine.set_counts
+        assert rig.service.vmm is not None and rig.service.vmm.connects >= 4
+    await proxy.cut()
+
+
+@pytest.mark.qemu
+@pytest.mark.indicators_layout(DEVICES, vmm_grace=0.5, config={"vmm": {"reconnect": False}})
+async def test_quit_shuts_the_guest_down_and_the_daemon_keeps_serving(
+    indicators_rig: IndicatorsRig, indicators_qmp: QMPClient
+) -> None:
+    rig = indicators_rig
+    await indicators_qmp.execute("notify", {"device": "net0", "vector": [0, 1]})
+    await rig.settle()
+    assert await rig.park() == rig.engine.set_counts
+    with indicators_qmp.listener(names=("VMM_STATE",)) as events:
+        with contextlib.suppress(EOFError, QMPError):
+            await rig.guest.qmp.execute("quit")
+        await next_event(events, "VMM_STATE", status="shutdown")
+        await next_event(events, "VMM_STATE", status="disconnected")
+    await wait_until(lambda: rig.engine.unavailable is not None, "UNAVAILABLE after the grace")
+    with pytest.raises(ExecuteError, match=r"code UNAVAILABLE"):
+        await indicators_qmp.execute("notify", {"device": "net0", "vector": 0})
+    stats = await indicators_qmp.execute("query-stats")
+    assert stats["vmm"] == "disconnected" and stats["failures"] == {"UNAVAILABLE": 1}
