@@ -252,6 +252,7 @@ class ControlConfig(_Model):
     allowed_gids: list[int] = Field(default_factory=list)
     max_message: int = Field(default=65536, ge=256)
     max_eventfds: int = Field(default=1024, ge=0)
+    max_eventfds_per_client: int = Field(default=256, ge=0)
     max_pending: int = Field(default=8, ge=1, description="requests of one client in flight")
     max_rate: float | None = Field(
         default=None, gt=0, description="requests per second per client; none: unlimited"

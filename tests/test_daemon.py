@@ -433,6 +433,33 @@ async def test_eventfd_for_an_unknown_target_is_refused(
         os.close(efd)
 
 
+async def test_eventfds_per_client_are_limited(tmp_path: Path) -> None:
+    service = await start_service(tmp_path, control={"max_eventfds_per_client": 2})
+    efds = [os.eventfd(0) for _ in range(4)]
+    try:
+        async with (
+            qmp_client(service.socket_path) as first,
+            qmp_client(service.socket_path) as second,
+        ):
+            for vector, efd in enumerate(efds[:3]):
+                first.send_fd_scm(efd)
+                await first.execute("getfd", {"fdname": f"e{vector}"})
+            for vector in range(2):
+                args = {"device": "net0", "vector": vector, "fdname": f"e{vector}"}
+                assert await first.execute("attach-eventfd", args) == {}
+            args = {"device": "net0", "vector": 2, "fdname": "e2"}
+            assert "at most 2 eventfds" in await expect_error(first, "attach-eventfd", args)
+            second.send_fd_scm(efds[3])
+            await second.execute("getfd", {"fdname": "mine"})
+            args = {"device": "net0", "vector": 3, "fdname": "mine"}
+            assert await second.execute("attach-eventfd", args) == {}, "another client may"
+            assert len((await second.execute("query-stats"))["eventfds"]) == 3
+    finally:
+        for efd in efds:
+            os.close(efd)
+        await service.stop(grace=1.0)
+
+
 @pytest.mark.parametrize("kind", ["pipe", "file", "socket"])
 async def test_a_non_eventfd_is_refused(tmp_path: Path, client: Client, kind: str) -> None:
     with contextlib.ExitStack() as stack:

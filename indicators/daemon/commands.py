@@ -121,7 +121,7 @@ def register_commands(server: QmpServer, service: Service) -> None:
     async def attach_eventfd(args: EventfdArgs, session: QmpSession) -> dict[str, Any]:
         fd = session.take_fd(args.fdname)  # a QmpCommandError names a missing fd
         try:
-            service.eventfds.attach(args.device, args.vector, fd)
+            service.eventfds.attach(args.device, args.vector, fd, owner=session.number)
         except (EventfdError, ValueError) as exc:
             raise _generic(str(exc)) from None
         return {}

@@ -43,6 +43,7 @@ class _Source:
     fd: int
     device: str
     vector: int
+    owner: int | None = None
     signals: int = 0
     reads: int = 0
 
@@ -50,15 +51,20 @@ class _Source:
 class EventfdSources:
     """The attached eventfds of one engine."""
 
-    def __init__(self, engine: Engine, limit: int = 1024) -> None:
+    def __init__(self, engine: Engine, limit: int = 1024, per_owner: int = 256) -> None:
         self.engine = engine
         self.limit = limit
+        self.per_owner = per_owner
         self._sources: dict[tuple[str, int], _Source] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self.signals = 0
 
-    def attach(self, device: str, vector: int, fd: int) -> None:
-        """Take ownership of ``fd`` and notify ``device``/``vector`` on every write."""
+    def attach(self, device: str, vector: int, fd: int, owner: int | None = None) -> None:
+        """Take ownership of ``fd`` and notify ``device``/``vector`` on every write.
+
+        ``owner`` (a client's number) is limited to ``per_owner`` attachments.
+        The fd is closed when it is refused.
+        """
         key = (device, vector)
         try:
             self.engine.check_target(device, vector)
@@ -68,11 +74,14 @@ class EventfdSources:
                 raise EventfdError(f"device {device!r} vector {vector} already has an eventfd")
             if len(self._sources) >= self.limit:
                 raise EventfdError(f"at most {self.limit} eventfds may be attached")
+            mine = sum(1 for s in self._sources.values() if owner is not None and s.owner == owner)
+            if mine >= self.per_owner:
+                raise EventfdError(f"a client may attach at most {self.per_owner} eventfds")
         except ValueError:
             os.close(fd)
             raise
         os.set_blocking(fd, False)
-        source = _Source(fd, device, vector)
+        source = _Source(fd, device, vector, owner)
         self._sources[key] = source
         asyncio.get_running_loop().add_reader(fd, self._readable, source)
 

@@ -101,7 +101,11 @@ class Service:
             self.engine.pause()
             log.info("holding notifications: %s", reason)
         control = self.config.control
-        self.eventfds = EventfdSources(self.engine, control.max_eventfds if control else 1024)
+        self.eventfds = EventfdSources(
+            self.engine,
+            control.max_eventfds if control else 1024,
+            control.max_eventfds_per_client if control else 256,
+        )
         self.server = QmpServer(
             self.socket_path,
             mode=control.mode if control else 0o600,
