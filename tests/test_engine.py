@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from layouts import LAYOUT, layout_config
 
 from indicators.adapters import AdapterModel, build_model
 from indicators.config import RetryPolicy, parse_config
@@ -321,44 +322,6 @@ async def test_pause_holds_until_resume() -> None:
 
 
 # -------------------------------------------------------- property test
-
-LAYOUT = st.lists(
-    st.tuples(
-        st.sampled_from(["virtio-ccw", "zpci", "kvm-route"]),
-        st.integers(1, 40),  # vectors
-        st.integers(0, 7),  # first bit offset
-        st.booleans(),  # share the previous device's summary
-        st.sampled_from([None, 0, 3]),  # access key
-    ),
-    min_size=1,
-    max_size=6,
-)
-
-
-def layout_config(layout: list[tuple[str, int, int, bool, int | None]]) -> list[dict[str, Any]]:
-    """Place devices without overlaps: indicators from 0x2000, summaries from 0x1000."""
-    devices: list[dict[str, Any]] = []
-    cursor, summary = 0x2000 * 8, 0x1000 * 8
-    for index, (kind, vectors, offset, share, key) in enumerate(layout):
-        if not (share and devices and devices[-1]["kind"] == kind):
-            summary += 8  # a byte of its own
-        byte, bit = divmod(summary, 8)
-        start = cursor + offset
-        name = f"dev{index}"
-        common: dict[str, Any] = {"name": name, "kind": kind, "key": key}
-        if kind == "virtio-ccw":
-            common.update(summary_indicator=byte, device_indicator=start // 8,
-                          ind_bit=start % 8, vectors=vectors)  # fmt: skip
-        elif kind == "zpci":
-            common.update(aisb=byte, aisbo=bit, aibv=start // 8, aibvo=start % 8, noi=vectors,
-                          isc=2)  # fmt: skip
-        else:
-            common.update(summary_addr=byte, summary_offset=bit, ind_addr=start // 8,
-                          ind_offset=start % 8, vectors=vectors, adapter_id=40, isc=5)  # fmt: skip
-        devices.append(common)
-        cursor = start + vectors + random.Random(index).randrange(0, 64)
-    return devices
-
 
 STREAM = st.lists(
     st.tuples(st.integers(0, 5), st.integers(0, 39), st.integers(1, 30)), min_size=1, max_size=40
