@@ -38,9 +38,7 @@ class SimulatedGuest:
         self.rounds = 0
         self._summaries: dict[Bit, _Summary] = {}
         for device in model.devices.values():
-            entry = self._summaries.setdefault(
-                device.summary, _Summary(device.summary, [])
-            )
+            entry = self._summaries.setdefault(device.summary, _Summary(device.summary, []))
             entry.devices.append(device)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -46,6 +46,7 @@ from .base import (
     MemopError,
     ProgramException,
     TransientError,
+    check_value,
 )
 
 __all__ = ["EmulatedBackend", "FaultInjector"]
@@ -54,6 +55,12 @@ __all__ = ["EmulatedBackend", "FaultInjector"]
 MAX_NEIGHBOUR_ROUNDS = 128
 
 _RC = SKEY_R | SKEY_C
+
+#: Exclusive upper bound of an operand, for each size a cmpxchg can have.
+_VALUE_LIMITS = {size: 1 << (size << 3) for size in (1, 2, 4, 8, 16)}
+
+# Builds the result tuple without NamedTuple's Python-level __new__ (hot path).
+_new_result = tuple.__new__
 
 
 @dataclass
@@ -157,14 +164,55 @@ class EmulatedBackend(MemopBackend):
     def cmpxchg(
         self, gaddr: int, size: int, old: int, new: int, key: int | None = None
     ) -> CmpxchgResult:
-        """The upstream cmpxchg, step by step in the kernel's order (see the spec)."""
-        # Steps 1-2: size and key.
-        if not 0 < size <= 16 or (key is not None and not 0 <= key <= 15):
-            self._reject_arguments(gaddr, size, old, key)
-        # Step 3: the operands must be representable (the kernel copies them in).
-        bits = size << 3
-        if old < 0 or new < 0 or old >> bits or new >> bits or not 0 <= gaddr < 1 << 64:
-            self._reject_operands(gaddr, size, old, new)
+        """The upstream cmpxchg: the kernel's checks in the kernel's order, then CS.
+
+        The guard below is a cheap test that every check would pass; anything
+        unusual (an error, a read-only memslot, injected faults) goes through
+        :meth:`_validate`, which runs the steps one by one and raises what the
+        kernel reports.
+        """
+        limit = _VALUE_LIMITS.get(size)
+        keys = self._keys
+        if (
+            limit is None
+            or not 0 <= old < limit
+            or not 0 <= new < limit
+            or not 0 <= gaddr < self.memory_size
+            or gaddr & (size - 1)
+            or self._readonly
+            or self.faults is not None
+            or (key and keys[gaddr >> PAGE_SHIFT] >> 4 != key)
+        ):
+            self._validate(gaddr, size, old, new, key)
+        # Step 6: the exchange, under the (now checked) access key.
+        page = gaddr >> PAGE_SHIFT
+        skey = keys[page]
+        if size >= 4:
+            exchanged, seen = self.memory.atomics.cas[size](gaddr, old, new)
+        else:
+            exchanged, seen = self._cas_in_word(gaddr, size, old, new, key)
+        # A successful store sets R and C; a failed compare was a fetch: R.
+        if exchanged:
+            if skey & _RC != _RC:
+                keys[page] = skey | _RC
+        elif not skey & SKEY_R:
+            keys[page] = skey | SKEY_R
+        return _new_result(CmpxchgResult, (exchanged, seen))
+
+    def _validate(self, gaddr: int, size: int, old: int, new: int, key: int | None) -> None:
+        """Kernel steps 1-5 and the key check of step 6; return if the exchange may run."""
+        # What the ABI cannot carry is the caller's bug: ValueError, before the kernel.
+        if not 0 <= gaddr < 1 << 64:
+            raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
+        if 0 < size <= 16:
+            check_value("old", old, size)
+            check_value("new", new, size)
+        # Steps 1-2: size and key (step 3, copying the operands in, cannot fail here).
+        _check_size_and_key(gaddr, size, key, old)
+        if size > 16:
+            raise MemopError(
+                errno.EINVAL, "cmpxchg size over 16", gaddr=gaddr, size=size, key=key, old=old
+            )
         # Step 4: addressing is checked on the page of gaddr, before alignment.
         if gaddr >= self.memory_size:
             raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=old)
@@ -179,63 +227,47 @@ class EmulatedBackend(MemopBackend):
                 old=old,
             )
         page = gaddr >> PAGE_SHIFT
-        if self._readonly and page in self._readonly:
+        if page in self._readonly:
             raise MemopError(
                 errno.EOPNOTSUPP, "read-only memslot", gaddr=gaddr, size=size, key=key, old=old
             )
-        # Step 6: a cmpxchg is a store; a non-zero key must equal ACC.
-        keys = self._keys
-        skey = keys[page]
+        # Step 6: a cmpxchg is a store; a non-zero key must equal ACC.  The
+        # kernel zeroes the old buffer on a protection exception.
         faults = self.faults
-        if (key and skey & SKEY_ACC_MASK != key << 4) or (
+        if (key and self._keys[page] & SKEY_ACC_MASK != key << 4) or (
             faults is not None and faults.store_protected(gaddr, size)
         ):
             raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
         if faults is not None and faults.transient(size):
             raise TransientError(gaddr=gaddr, size=size, key=key, old=old)
-        # Step 7: the exchange.
-        if size >= 4:
-            exchanged, seen = self.memory.cas(gaddr, size, old, new)
-        else:
-            exchanged, seen = self._cas_in_word(gaddr, size, old, new, key)
-        if exchanged:
-            if skey & _RC != _RC:
-                keys[page] = skey | _RC
-        elif not skey & SKEY_R:
-            keys[page] = skey | SKEY_R
-        return CmpxchgResult(exchanged, seen)
 
     def _cas_in_word(
         self, gaddr: int, size: int, old: int, new: int, key: int | None
     ) -> tuple[bool, int]:
-        """CS on the aligned word holding the 1 or 2 target bytes, as the kernel does."""
+        """CS on the aligned word holding the 1 or 2 target bytes, as the kernel does.
+
+        Up to :data:`MAX_NEIGHBOUR_ROUNDS` CS attempts; one that fails because
+        only neighbouring bytes changed is retried.  As in the kernel, a failed
+        attempt is first judged by the word it returned: if the target bytes
+        changed it is a failed compare, even on the last round.
+        """
         word = gaddr & ~3
         shift = (4 - (gaddr & 3) - size) << 3
         mask = ((1 << (size << 3)) - 1) << shift
-        mem = self.memory
-        current = mem.load(word, 4)
+        atomics = self.memory.atomics
+        cas = atomics.cas[4]
+        current = atomics.load[4](word)
         for _ in range(MAX_NEIGHBOUR_ROUNDS):
             seen = (current & mask) >> shift
             if seen != old:
                 return False, seen
-            exchanged, current = mem.cas(word, 4, current, (current & ~mask) | new << shift)
+            exchanged, current = cas(word, current, (current & ~mask) | new << shift)
             if exchanged:
                 return True, old
-        raise TransientError(gaddr=gaddr, size=size, key=key, old=(current & mask) >> shift)
-
-    def _reject_arguments(self, gaddr: int, size: int, old: int, key: int | None) -> None:
-        """Raise the error of kernel steps 1 and 2 for a bad size or key."""
-        _check_size_and_key(gaddr, size, key, old)
-        raise MemopError(
-            errno.EINVAL, "cmpxchg size over 16", gaddr=gaddr, size=size, key=key, old=old
-        )
-
-    @staticmethod
-    def _reject_operands(gaddr: int, size: int, old: int, new: int) -> None:
-        for name, value in (("old", old), ("new", new)):
-            if not 0 <= value < 1 << (size << 3):
-                raise ValueError(f"{name} value {value:#x} does not fit in {size} bytes")
-        raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
+        seen = (current & mask) >> shift
+        if seen != old:
+            return False, seen
+        raise TransientError(gaddr=gaddr, size=size, key=key, old=seen)
 
     # ------------------------------------------------------------ read / write
 
@@ -257,9 +289,9 @@ class EmulatedBackend(MemopBackend):
 
     def check_access(self, gaddr: int, size: int, key: int | None, *, store: bool) -> range:
         """Validate an absolute read or write; return the pages it touches."""
-        _check_size_and_key(gaddr, size, key, 0)
-        if gaddr < 0:
+        if not 0 <= gaddr < 1 << 64:
             raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
+        _check_size_and_key(gaddr, size, key, 0)
         if gaddr + size > self.memory_size:
             raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=0)
         pages = range(gaddr >> PAGE_SHIFT, ((gaddr + size - 1) >> PAGE_SHIFT) + 1)

@@ -30,7 +30,14 @@ from collections.abc import Callable
 from typing import Literal
 
 from .. import abi
-from .base import CmpxchgResult, MemopBackend, MemopError, ProgramException, TransientError
+from .base import (
+    CmpxchgResult,
+    MemopBackend,
+    MemopError,
+    ProgramException,
+    TransientError,
+    check_value,
+)
 
 __all__ = ["Abi", "IoctlFn", "KvmBackend", "KvmUnavailableError", "system_ioctl"]
 
@@ -129,7 +136,9 @@ class KvmBackend(MemopBackend):
             raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
         mop = ops.mop
         mop.gaddr = gaddr
-        mop.size = size if 0 <= size < 1 << 32 else 0xFFFFFFFF
+        # Sizes the u32 field cannot hold are refused as the emulation refuses
+        # them: a negative one like size 0 (EINVAL), a huge one with E2BIG.
+        mop.size = min(max(size, 0), 0xFFFFFFFF)
         mop.op = op
         if key is not None:
             flags |= abi.KVM_S390_MEMOP_F_SKEY_PROTECTION
@@ -152,11 +161,10 @@ class KvmBackend(MemopBackend):
         else:
             op, flags = abi.KVM_S390_MEMOP_ABSOLUTE_WRITE, abi.KVM_S390_MEMOP_F_CMPXCHG
             mop = self._fill(ops, gaddr, size, op, flags, key)
-        width = size if 0 < size <= 16 else 16
-        if 0 < size <= 16:
-            for name, value in (("old", old), ("new", new)):
-                if not 0 <= value < 1 << (size << 3):
-                    raise ValueError(f"{name} value {value:#x} does not fit in {size} bytes")
+        sized = 0 < size <= 16
+        if sized:
+            check_value("old", old, size)
+            check_value("new", new, size)
             ctypes.memmove(ops.old_addr, old.to_bytes(size, "big"), size)
             ctypes.memmove(ops.new_addr, new.to_bytes(size, "big"), size)
         mop.buf = ops.new_addr
@@ -164,13 +172,15 @@ class KvmBackend(MemopBackend):
         try:
             rc = self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
         except OSError as exc:
-            after = int.from_bytes(bytes(ops.old)[:width], "big")
+            # A size the buffers cannot hold never reached them: report ``old``
+            # as passed, not what an earlier call left there.
+            after = int.from_bytes(bytes(ops.old)[:size], "big") if sized else old
             if exc.errno == errno.EAGAIN:
                 raise TransientError(gaddr=gaddr, size=size, key=key, old=after) from exc
             raise MemopError(
                 exc.errno, os.strerror(exc.errno or 0), gaddr=gaddr, size=size, key=key, old=after
             ) from exc
-        after = int.from_bytes(bytes(ops.old)[:width], "big")
+        after = int.from_bytes(bytes(ops.old)[:size], "big") if sized else old
         if rc == 0:
             if self.abi == "v5":
                 return CmpxchgResult(True, old)

@@ -1,0 +1,78 @@
+"""Shared fixtures.
+
+Memop: ``memop_rig`` runs a test once per memop backend (the emulation, and
+the KVM backend over the emulated kernel in each ABI), with the memory and
+storage keys behind it at hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from indicators.memop import EmulatedBackend, KvmBackend, MemopBackend
+from indicators.memop.kernel import EmulatedKvm
+
+# --------------------------------------------------------------------- memop
+
+MEMOP_MEMORY_SIZE = 16 * 4096
+
+
+@dataclass
+class MemopRig:
+    """A backend under test plus raw access to the guest it works on.
+
+    ``peek``/``poke`` touch memory without keys or R/C, as a guest's own
+    accesses would; ``emulated`` is the emulation behind the backend (None
+    on a real KVM host).
+    """
+
+    name: str
+    backend: MemopBackend
+    abi: Literal["upstream", "v5"]
+    memory_size: int
+    peek: Callable[[int, int], bytes]
+    poke: Callable[[int, bytes], None]
+    set_storage_key: Callable[[int, int], None]
+    get_storage_key: Callable[[int], int]
+    emulated: EmulatedBackend | None
+
+
+MEMOP_BACKENDS = ("emulated", "kvm-upstream", "kvm-v5")
+
+
+def emulated_rig(name: str, emulated: EmulatedBackend) -> MemopRig:
+    """A rig for ``name`` (one of :data:`MEMOP_BACKENDS`) over ``emulated``."""
+    backend: MemopBackend
+    abi: Literal["upstream", "v5"] = "v5" if name == "kvm-v5" else "upstream"
+    if name == "emulated":
+        backend = emulated
+    else:
+        backend = KvmBackend(-1, abi_version=abi, ioctl=EmulatedKvm(emulated, abi))
+    return MemopRig(
+        name=name,
+        backend=backend,
+        abi=abi,
+        memory_size=emulated.memory_size,
+        peek=emulated.memory.read,
+        poke=emulated.memory.write,
+        set_storage_key=emulated.set_storage_key,
+        get_storage_key=emulated.get_storage_key,
+        emulated=emulated,
+    )
+
+
+@pytest.fixture
+def emulated_backend() -> Iterator[EmulatedBackend]:
+    """A fresh 64 KiB emulated guest, every storage key 0."""
+    with EmulatedBackend(MEMOP_MEMORY_SIZE) as backend:
+        yield backend
+
+
+@pytest.fixture(params=MEMOP_BACKENDS)
+def memop_rig(request: pytest.FixtureRequest, emulated_backend: EmulatedBackend) -> MemopRig:
+    """Each memop backend in turn, over a fresh emulated guest."""
+    return emulated_rig(request.param, emulated_backend)
