@@ -1,19 +1,25 @@
-"""The daemon's notify paths against a qemu.qmp no-op round trip, in one run.
+"""The daemon's notify paths against a no-op round trip, in one run.
 
 One ``indicators run`` subprocess (emulated backend whose RAM is a file this
 process maps) serves every measurement:
 
-- ``query-version``: a qemu.qmp round trip that does nothing, the yardstick;
+- ``query-version``: a round trip that does nothing, the yardstick;
 - ``notify`` with one vector per command, and with 64 vectors per command;
 - an eventfd attached to a vector, written by this process (another process
   than the daemon): latency from the write until the bit is visible in the
   mapped RAM, and writes per second until the daemon has applied them all.
 
-Latency is one client, one command at a time; before each command the dsci
-and summary bytes are cleared (the guest consumed them), so every notify is
-a real 0 -> 1 edge with an interrupt.  Throughput is ``--clients`` qemu.qmp
-clients in this process, each one command at a time, with the bits left set
-(the cheap merged path), so it mostly measures the socket and the clients.
+Latency is one client, one command at a time, measured twice: with a raw
+blocking socket (the daemon's own cost: one ``sendall``, then ``recv`` until
+the reply line, skipping the ADAPTER_INTERRUPT event before it) and with a
+``qemu.qmp.QMPClient`` (what a Python client sees; its own asyncio machinery
+adds to every round trip).  Before each command the dsci and summary bytes
+are cleared (the guest consumed them), so every notify is a real 0 -> 1 edge
+with an interrupt.  The raw rows run while no other client is connected.
+
+Throughput is ``--clients`` qemu.qmp clients in this process, each one
+command at a time, with the bits left set (the cheap merged path), so it
+mostly measures the socket and the clients.
 
     .venv/bin/python benchmarks/bench_daemon.py [--seconds 1.0] [--clients 4] [--json FILE]
 """
@@ -80,7 +86,7 @@ class Row:
     p99_us: float | None = None
     commands_per_s: float | None = None
     notifications_per_s: float | None = None
-    latency_ratio: float | None = None  # p50 / query-version p50
+    latency_ratio: float | None = None  # p50 / the same client's query-version p50
     throughput_ratio: float | None = None  # notifications/s / query-version commands/s
     note: str = ""
 
@@ -144,6 +150,65 @@ async def latency(
         samples.append(time.perf_counter() - start)
         if len(samples) % 256 == 0:
             client.events.clear()
+    return samples
+
+
+class RawClient:
+    """A blocking QMP client on a plain socket: no event loop, no parsing but the reply's."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.buf = b""
+        assert b'"QMP"' in self.line()
+        self.execute("qmp_capabilities")
+
+    def line(self) -> bytes:
+        while (end := self.buf.find(b"\n")) < 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the daemon hung up")
+            self.buf += chunk
+        line, self.buf = self.buf[: end + 1], self.buf[end + 1 :]
+        return line
+
+    def reply(self) -> object:
+        """The next reply; events before it are skipped."""
+        while (line := self.line()).startswith(b'{"event"'):
+            pass
+        message = json.loads(line)
+        if "return" not in message:
+            raise RuntimeError(f"the daemon answered {message}")
+        return message["return"]
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> object:
+        request = {"execute": command, "arguments": arguments or {}}
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def raw_latency(
+    client: RawClient,
+    command: str,
+    arguments: dict[str, Any] | None,
+    seconds: float,
+    before: Callable[[], None] | None = None,
+) -> list[float]:
+    """:func:`latency` with the raw client (the request is encoded once, outside the timing)."""
+    request = json.dumps({"execute": command, "arguments": arguments or {}}).encode() + b"\n"
+    sendall, reply = client.sock.sendall, client.reply
+    samples: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        sendall(request)
+        reply()
+        samples.append(time.perf_counter() - start)
     return samples
 
 
@@ -230,8 +295,38 @@ async def eventfd_throughput(client: QMPClient, fd: int, writes: int) -> tuple[f
 # ------------------------------------------------------------------ report
 
 
+def bench_raw(path: str, memory: GuestMemory, seconds: float) -> list[Row]:
+    """The latency rows with :class:`RawClient`, the only client connected."""
+    raw_noop = Row("raw: query-version (no-op)", 0)
+    raw_single = Row("raw: notify, 1 vector", 1)
+    raw_batch = Row(f"raw: notify, {BATCH} vectors", BATCH)
+    one = {"device": "net0", "vector": 5}
+    many = {"device": "net0", "vector": list(range(BATCH))}
+    cases = [
+        (raw_noop, "query-version", None, None),
+        (raw_single, "notify", one, clear(memory, DSCI, 1, SUMMARY)),
+        (raw_batch, "notify", many, clear(memory, DSCI, BATCH // 8, SUMMARY)),
+    ]
+    client = RawClient(path)
+    try:
+        for row, command, arguments, before in cases:
+            raw_latency(client, command, arguments, seconds / 10, before)  # warm up
+            samples = raw_latency(client, command, arguments, seconds, before)
+            row.p50_us, row.p99_us = percentile(samples, 0.5) * 1e6, percentile(samples, 0.99) * 1e6
+            row.note = f"{len(samples)} round trips, raw blocking socket"
+    finally:
+        client.close()
+    assert raw_noop.p50_us
+    for row in (raw_noop, raw_single, raw_batch):
+        assert row.p50_us
+        row.latency_ratio = row.p50_us / raw_noop.p50_us
+    return [raw_noop, raw_single, raw_batch]
+
+
 async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
     memory = GuestMemory(MEMORY, ram)
+    raw_rows = bench_raw(path, memory, seconds)
+    await asyncio.sleep(0.05)  # let the daemon drop the raw session before the next client
     client = await connect(path)
     try:
         noop = Row("query-version (qemu.qmp no-op)", 0)
@@ -280,7 +375,7 @@ async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
         if row.notifications_per_s is not None:
             row.throughput_ratio = row.notifications_per_s / noop.commands_per_s
     noop.notifications_per_s = noop.throughput_ratio = None
-    return rows
+    return raw_rows + rows
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -301,7 +396,10 @@ def table(rows: list[Row]) -> str:
             f"{_fmt(row.notifications_per_s, '10,.0f')} {_fmt(row.throughput_ratio, '8.2f')}"
         )
     lines.append("")
-    lines.append("x no-op: latency / query-version p50; notifications/s / query-version cmd/s")
+    lines.append(
+        "x no-op: latency / the same client's query-version p50; "
+        "notifications/s / query-version cmd/s"
+    )
     lines.extend(f"  {row.name}: {row.note}" for row in rows if row.note)
     return "\n".join(lines)
 

@@ -1,11 +1,24 @@
 """One QMP client connection, as served by :class:`~indicators.daemon.qmp_server.QmpServer`.
 
-A :class:`QmpSession` owns a connected unix socket and three tasks: a reader
-(``recvmsg`` on the raw socket, because asyncio streams drop the SCM_RIGHTS
-fds that ``getfd`` needs), a replier that hands replies to the writer in
-request order, and a writer that drains a per-client output queue.  Command
-handlers get the session of their caller and use it to send that client
-events, claim the fds it passed (:meth:`QmpSession.take_fd`) or close it.
+A :class:`QmpSession` owns a connected unix socket and runs on event-loop
+callbacks, not tasks, so that a request costs as few loop iterations and
+system calls as possible:
+
+- the socket stays registered for reading while the client may send; each
+  readable callback does one ``recvmsg`` on the raw socket (asyncio streams
+  drop the SCM_RIGHTS fds that ``getfd`` needs) and starts the requests it
+  completes, in order;
+- each command handler runs as its own task, which hands its reply over the
+  moment it returns; replies leave in request order (a finished reply waits
+  only for the earlier ones);
+- output is written at once with a non-blocking ``send``; only what the
+  kernel does not take waits in a buffer, sent when the socket is writable.
+
+Input stops being read while the client has ``max_pending`` requests in
+flight, while more than half of ``max_queued`` of its output is unsent, and
+while it is over its rate.  Command handlers get the session of their caller
+and use it to send that client events, claim the fds it passed
+(:meth:`QmpSession.take_fd`) or close it.
 
 The session asks its host (:class:`QmpHost`, which the server implements)
 for the command table, the limits and the greeting; it never imports the
@@ -14,6 +27,7 @@ server.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -21,7 +35,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -50,8 +64,8 @@ logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 65536
 _MAX_FDS_PER_RECV = 8
+_ANCILLARY_SIZE = socket.CMSG_LEN(_MAX_FDS_PER_RECV * array.array("i").itemsize)
 _MAX_UNCLAIMED_FDS = 16  # fds passed but not yet claimed by getfd
-_BATCH_BYTES = 256 * 1024  # output coalesced into one send
 _DENY_LINGER = 1.0  # seconds to deliver the refusal to a peer that is not allowed
 
 #: ``async def handler(args, session) -> JSON-able``; ``args`` is the validated model or None.
@@ -83,6 +97,17 @@ class QmpCommand:
     returns: str
 
 
+class _Reply:
+    """A reply slot in request order: None until its handler has answered."""
+
+    __slots__ = ("data", "events", "task")
+
+    def __init__(self, data: bytes | None = None, events: bool = False) -> None:
+        self.data = data
+        self.events = events  # the qmp_capabilities reply: events may follow it
+        self.task: asyncio.Task[None] | None = None
+
+
 class QmpSession:
     """One client connection: negotiation state, peer credentials and passed fds.
 
@@ -98,25 +123,42 @@ class QmpSession:
         #: Capabilities the client enabled with ``qmp_capabilities``.
         self.capabilities: frozenset[str] = frozenset()
         self.server = server
+        self._commands = server.commands  # a live view: later registrations show
         self._sock = sock
+        self._fileno = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._negotiated = False
         # Events start only after the qmp_capabilities reply is queued: a client
         # (qemu.qmp included) expects that reply as the first message after the greeting.
-        self._capabilities_reply: asyncio.Future[bytes] | None = None
         self._events_on = False
         self._fds: dict[str, int] = {}
         self._unclaimed: deque[int] = deque()
-        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._out_bytes = 0
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._replies: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(server.max_pending)
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._reader: asyncio.Task[None] | None = None
-        self._closing = asyncio.Event()
-        self._grace: float | None = None
+        # Input: frames read but not started wait in _frames; the socket is read
+        # (the reader stays registered) only while none wait.
+        self._framer = JsonFramer(server.max_message)
+        self._frames: deque[object] = deque()
+        self._input_open = True  # False after EOF, a read error, a framing error, close()
+        self._reading = False
+        self._rate = server.max_rate
+        self._tokens = self._rate or 0.0
+        self._last = self._loop.time()
+        self._throttle: asyncio.TimerHandle | None = None
+        self._token_due = False  # the throttle timer paid for the next frame
+        self._pumping = False
+        # Replies in request order; at most max_pending at once.
+        self._replies: deque[_Reply] = deque()
+        self._max_pending = server.max_pending
+        # Output not yet taken by the kernel; requests are not started while
+        # more than half of max_queued waits (the client does not read).
+        self._out = bytearray()
+        self._resume_below = server.max_queued // 2
+        self._writing = False
+        self._corked = False  # while one read is handled: its replies go out in one send
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._finished: asyncio.Future[None] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._ended = False  # torn down: nothing is read, started or sent any more
 
     def __repr__(self) -> str:
         pid, uid, _ = self.credentials
@@ -145,10 +187,18 @@ class QmpSession:
 
     def close(self, grace: float = 1.0) -> None:
         """Stop reading; deliver in-flight replies for up to ``grace`` seconds, then hang up."""
-        self._grace = grace
-        self._closing.set()
-        if self._reader is not None:
-            self._reader.cancel()
+        self._closing = True
+        self._input_open = False
+        self._frames.clear()
+        if self._finished is None or self._ended:  # not serving yet: run() returns at once
+            return
+        self._want_input()
+        deadline = self._loop.time() + grace
+        if self._grace is None or deadline < self._grace.when():
+            if self._grace is not None:
+                self._grace.cancel()
+            self._grace = self._loop.call_at(deadline, self._finish)
+        self._check_done()
 
     def store_received_fd(self, name: str) -> None:
         """``getfd``: store the oldest fd the client passed and no command claimed yet."""
@@ -167,13 +217,15 @@ class QmpSession:
 
     async def run(self) -> None:
         """Serve the connection until EOF, a fatal error or :meth:`close`; always cleans up."""
-        writer = self._spawn(self._write_loop(), "writer")
+        self._finished = self._loop.create_future()
         try:
+            if self._closing:
+                return
             if self._admitted():
-                await self._serve(writer)
+                self._want_input()
             else:
-                self._out.put_nowait(None)
-                await asyncio.wait({writer}, timeout=_DENY_LINGER)
+                self.close(_DENY_LINGER)
+            await self._finished
         finally:
             await self._teardown()
 
@@ -186,22 +238,25 @@ class QmpSession:
         self._enqueue(encode(error_reply(denied, {})))
         return False
 
-    async def _serve(self, writer: asyncio.Task[None]) -> None:
-        if self._closing.is_set():
-            return
-        self._spawn(self._reply_loop(), "replier")
-        self._reader = self._spawn(self._read_loop(), "reader")
-        await asyncio.wait({self._reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        if writer.done():  # the peer is gone
-            return
-        self._replies.put_nowait(None)  # the replier finishes in-flight replies, then the writer
-        closing = self._spawn(self._closing.wait(), "closing")
-        await asyncio.wait({writer, closing}, return_when=asyncio.FIRST_COMPLETED)
-        if not writer.done():
-            await asyncio.wait({writer}, timeout=self._grace)
+    def _check_done(self) -> None:
+        """End the session once input is over and every reply has been sent."""
+        if not (self._input_open or self._replies or self._out):
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
 
     async def _teardown(self) -> None:
-        self._closing.set()
+        self._ended = self._closing = True
+        self._input_open = False
+        self._want_input()
+        if self._writing:
+            self._loop.remove_writer(self._fileno)
+            self._writing = False
+        for timer in (self._throttle, self._grace):
+            if timer is not None:
+                timer.cancel()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -215,96 +270,151 @@ class QmpSession:
             self._sock.close()
             logger.debug("QMP %r disconnected", self)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=f"qmp-{self.number}-{what}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.debug("QMP %r: %s ended: %r", self, task, exc)
-
     # -- input ------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        framer = JsonFramer(self.server.max_message)
-        rate = self.server.max_rate
-        tokens, last = rate or 0.0, self._loop.time()
-        while data := await self._recv():
-            for frame in framer.feed(data):
-                if rate:  # token bucket: a client over its rate is read more slowly
-                    now = self._loop.time()
-                    tokens = min(rate, tokens + (now - last) * rate)
-                    last = now
-                    if tokens < 1.0:
-                        await asyncio.sleep((1.0 - tokens) / rate)
-                        tokens, last = 1.0, self._loop.time()
-                    tokens -= 1.0
-                await self._dispatch(frame)
-                if isinstance(frame, FramingError):
-                    return
+    def _want_input(self) -> None:
+        """Keep the socket registered for reading exactly while frames are wanted."""
+        if self._input_open and not self._frames and not self._ended:
+            if not self._reading:
+                self._loop.add_reader(self._fileno, self._on_readable)
+                self._reading = True
+        elif self._reading:
+            self._loop.remove_reader(self._fileno)
+            self._reading = False
 
-    async def _recv(self) -> bytes:
-        """Read the next chunk, keeping any fds that came with it (streams drop them)."""
-        while True:
-            try:
-                data, fds, flags, _ = socket.recv_fds(
-                    self._sock, _RECV_SIZE, _MAX_FDS_PER_RECV, socket.MSG_CMSG_CLOEXEC
-                )
-            except (BlockingIOError, InterruptedError):
-                await self._readable()
-                continue
-            if flags & socket.MSG_CTRUNC:  # the kernel closed the fds that did not fit
-                logger.warning("QMP %r passed more than %d fds at once", self, _MAX_FDS_PER_RECV)
-            self._keep_fds(fds)
-            return data
-
-    async def _readable(self) -> None:
-        ready = self._loop.create_future()
-        fd = self._sock.fileno()
-        self._loop.add_reader(fd, _resolve, ready)
+    def _on_readable(self) -> None:
+        """Read one chunk, keeping any fds that came with it (streams drop them)."""
         try:
-            await ready
+            data, ancdata, flags, _ = self._sock.recvmsg(
+                _RECV_SIZE, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.debug("QMP %r: read failed: %r", self, exc)
+            self._end_input()
+            return
+        if ancdata:
+            self._keep_fds(ancdata)
+        if flags & socket.MSG_CTRUNC:  # the kernel closed the fds that did not fit
+            logger.warning("QMP %r passed more than %d fds at once", self, _MAX_FDS_PER_RECV)
+        if not data:
+            self._end_input()
+            return
+        frames = self._framer.feed(data)
+        if not frames:
+            return
+        self._frames.extend(frames)
+        self._corked = True
+        try:
+            self._pump()
+        except Exception:  # a bug: stop reading this client rather than spin
+            logger.exception("QMP %r: reading failed", self)
+            self._frames.clear()
+            self._end_input()
         finally:
-            self._loop.remove_reader(fd)
+            self._uncork()
 
-    def _keep_fds(self, fds: list[int]) -> None:
+    def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         self._unclaimed.extend(fds)
         while len(self._unclaimed) > _MAX_UNCLAIMED_FDS:
             logger.warning("QMP %r passed too many fds without getfd; closing one", self)
             os.close(self._unclaimed.popleft())
 
-    async def _dispatch(self, frame: object) -> None:
-        """Start one request once this client has room for another reply."""
-        await self._writable.wait()
-        await self._slots.acquire()
-        self._replies.put_nowait(self._start(frame))
+    def _end_input(self) -> None:
+        self._input_open = False
+        self._want_input()
+        self._check_done()
 
-    def _start(self, frame: object) -> asyncio.Future[bytes]:
+    def _pump(self) -> None:
+        """Start waiting requests in order while this client has room for their replies."""
+        if self._pumping:  # called back from a request being started: the loop below goes on
+            return
+        self._pumping = True
+        try:
+            frames = self._frames
+            while frames:
+                if (
+                    len(self._out) > self._resume_below  # it does not read: read it no more
+                    or len(self._replies) >= self._max_pending
+                    or self._throttle is not None
+                    or (self._rate and not self._take_token())
+                ):
+                    break
+                frame = frames.popleft()
+                self._start(frame)
+                if isinstance(frame, FramingError):  # the stream cannot be trusted any more
+                    frames.clear()
+                    self._end_input()
+                    return
+        finally:
+            self._pumping = False
+        self._want_input()
+
+    def _take_token(self) -> bool:
+        """Token bucket: a client over its rate is read more slowly."""
+        rate = self._rate
+        assert rate
+        now = self._loop.time()
+        if self._token_due:
+            self._token_due = False
+            self._tokens, self._last = 0.0, now
+            return True
+        tokens = min(rate, self._tokens + (now - self._last) * rate)
+        self._last = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            self._throttle = self._loop.call_later((1.0 - tokens) / rate, self._unthrottle)
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+    def _unthrottle(self) -> None:
+        self._throttle = None
+        self._token_due = True
+        self._pump()
+
+    def _start(self, frame: object) -> None:
         if isinstance(frame, QmpCommandError):
-            return self._answered(error_reply(frame, {}))
+            self._answer(error_reply(frame, {}))
+            return
         echo, request = parse_request(frame)
         if isinstance(request, QmpCommandError):
-            return self._answered(error_reply(request, echo))
+            self._answer(error_reply(request, echo))
+            return
         if not self._negotiated:
-            reply = self._answered(self._negotiate(request, echo))
-            if self._negotiated:
-                self._capabilities_reply = reply
-            return reply
-        command = self.server.commands.get(request.command)
+            self._answer(self._negotiate(request, echo), events=self._negotiated)
+            return
+        command = self._commands.get(request.command)
         if command is None:
             missing = QmpCommandError(
                 f"The command {request.command} has not been found", COMMAND_NOT_FOUND
             )
-            return self._answered(error_reply(missing, echo))
-        return self._spawn(self._execute(command, request.arguments, echo), command.name)
+            self._answer(error_reply(missing, echo))
+            return
+        reply = _Reply()
+        self._replies.append(reply)
+        task = self._loop.create_task(
+            self._execute(command, request.arguments, echo, reply),
+            name=f"qmp-{self.number}-{command.name}",
+        )
+        if not task.done():  # an eager task factory may have run it to completion
+            reply.task = task
+            self._tasks.add(task)
 
-    def _answered(self, reply: Mapping[str, object]) -> asyncio.Future[bytes]:
-        done: asyncio.Future[bytes] = self._loop.create_future()
-        done.set_result(encode(reply))
-        return done
+    def _answer(self, message: Mapping[str, object], events: bool = False) -> None:
+        """A reply known at once: sent now unless earlier requests are still running."""
+        data = encode(message)
+        if self._replies:
+            self._replies.append(_Reply(data, events))
+            return
+        self._enqueue(data)
+        if events:
+            self._events_on = True
 
     def _negotiate(self, request: Request, echo: dict[str, object]) -> dict[str, object]:
         """Capabilities mode: only ``qmp_capabilities`` is accepted (synchronously, in order)."""
@@ -326,68 +436,119 @@ class QmpSession:
         return return_reply({}, echo)
 
     async def _execute(
-        self, command: QmpCommand, arguments: dict[str, object], echo: dict[str, object]
-    ) -> bytes:
+        self,
+        command: QmpCommand,
+        arguments: dict[str, object],
+        echo: dict[str, object],
+        reply: _Reply,
+    ) -> None:
+        """Run one handler and hand its reply over as soon as it is done (no task hop)."""
         try:
             args = validate_arguments(command.args_model, arguments)
             result = await command.handler(args, self)
-            return encode(return_reply(result_value(result), echo))
+            data = encode(return_reply(result_value(result), echo))
         except QmpCommandError as exc:
-            return encode(error_reply(exc, echo))
+            data = encode(error_reply(exc, echo))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():  # the session is tearing down
+                self._complete(reply, encode(error_reply(QmpCommandError("Command cancelled"), {})))
                 raise
             # Something the handler awaited was cancelled, not the handler itself.
             failed = QmpCommandError(f"Command '{command.name}' was cancelled")
-            return encode(error_reply(failed, echo))
+            data = encode(error_reply(failed, echo))
         except Exception:
             logger.exception("QMP command %s from %r failed", command.name, self)
             failed = QmpCommandError(f"Internal error in command '{command.name}'")
-            return encode(error_reply(failed, echo))
+            data = encode(error_reply(failed, echo))
+        self._complete(reply, data)
+
+    def _complete(self, reply: _Reply, data: bytes) -> None:
+        """Record a reply; send it and the finished ones after it if it is the oldest."""
+        if reply.task is not None:
+            self._tasks.discard(reply.task)
+        reply.data = data
+        replies = self._replies
+        if self._ended or replies[0] is not reply:
+            return  # head-of-line: an earlier request is still running
+        while replies and (ready := replies[0].data) is not None:
+            if replies.popleft().events:
+                self._enqueue(ready)
+                self._events_on = True
+            else:
+                self._enqueue(ready)
+        if self._frames:
+            self._pump()
+        self._check_done()
 
     # -- output -----------------------------------------------------------------
 
-    async def _reply_loop(self) -> None:
-        """Send replies in request order as their handlers finish."""
-        while (pending := await self._replies.get()) is not None:
-            await asyncio.wait({pending})
-            self._slots.release()
-            if pending.cancelled():
-                self._enqueue(encode(error_reply(QmpCommandError("Command cancelled"), {})))
-            else:
-                self._enqueue(pending.result())
-                if pending is self._capabilities_reply:
-                    self._events_on = True
-        self._out.put_nowait(None)
-
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._out.get()]
-            size = len(batch[0] or b"")
-            while batch[-1] is not None and size < _BATCH_BYTES and not self._out.empty():
-                batch.append(self._out.get_nowait())
-                size += len(batch[-1] or b"")
-            if size:
-                await self._loop.sock_sendall(self._sock, b"".join(b for b in batch if b))
-                self._out_bytes -= size
-                if self._out_bytes <= self.server.max_queued // 2:
-                    self._writable.set()
-            if batch[-1] is None:
-                return
-
     def _enqueue(self, data: bytes) -> None:
-        self._out_bytes += len(data)
-        self._out.put_nowait(data)
-        if self._out_bytes > self.server.max_queued // 2:
-            self._writable.clear()  # stop reading requests until the client reads replies
+        """Send ``data`` now, after the output waiting before it; keep what the kernel
+        does not take (in order) until the socket is writable."""
+        if self._ended:
+            return
+        if self._out or self._corked:
+            self._out += data
+            if not (self._writing or self._corked):
+                self._send_out()
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._output_failed(exc)
+            return
+        if sent < len(data):
+            self._out += memoryview(data)[sent:]
+            self._loop.add_writer(self._fileno, self._send_out)
+            self._writing = True
+
+    def _uncork(self) -> None:
+        self._corked = False
+        if self._out and not self._writing:
+            self._send_out()
+
+    def _send_out(self) -> None:
+        """Send what waits; wait for the socket to be writable if the kernel took part."""
+        out = self._out
+        try:
+            sent = self._sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._output_failed(exc)
+            return
+        del out[:sent]
+        if out:
+            if not self._writing:
+                self._loop.add_writer(self._fileno, self._send_out)
+                self._writing = True
+        elif self._writing:
+            self._loop.remove_writer(self._fileno)
+            self._writing = False
+        if self._frames and len(out) <= self._resume_below:
+            self._pump()
+        self._check_done()
+
+    def _output_failed(self, exc: OSError) -> None:
+        logger.debug("QMP %r: write failed: %r", self, exc)
+        self._out.clear()
+        self._frames.clear()
+        self._input_open = False
+        self._ended = self._closing = True  # the peer is gone: nothing more can reach it
+        self._want_input()
+        if self._writing:
+            self._loop.remove_writer(self._fileno)
+            self._writing = False
+        self._finish()
 
     def send_encoded_event(self, data: bytes) -> bool:
         """:meth:`send_event` for an event already encoded (a broadcast encodes once)."""
-        reading = self._reader is not None and not self._reader.done()
-        if not (self._events_on and reading) or self._closing.is_set():
+        if not (self._events_on and self._input_open) or self._closing:
             return False
-        if self._out_bytes + len(data) > self.server.max_queued:
+        if len(self._out) + len(data) > self.server.max_queued:
             logger.warning("QMP %r does not read its events; disconnecting it", self)
             self.close(grace=0.0)
             return False
@@ -435,11 +596,6 @@ class QmpHost(Protocol):
     def admits(self, credentials: PeerCredentials) -> bool:
         """Whether a peer with these credentials may use the server."""
         ...
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _close_quietly(fd: int) -> None:

@@ -25,8 +25,10 @@ does no I/O.  It speaks exactly what QEMU's monitor speaks, so that
 from __future__ import annotations
 
 import json
+import json.encoder
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -56,13 +58,23 @@ __all__ = [
 GENERIC_ERROR = "GenericError"
 COMMAND_NOT_FOUND = "CommandNotFound"
 
-_WHITESPACE = frozenset(b" \t\r\n")
-_DELIMITERS = frozenset(b' \t\r\n{}[]":,')
 _OPEN = frozenset(b"{[")
 _CLOSE = frozenset(b"}]")
 _QUOTE = ord('"')
+_LBRACE = ord("{")
+_NOT_WHOLE = object()
 _BACKSLASH = ord("\\")
 _REQUEST_MEMBERS = ("execute", "arguments", "id")
+_REQUEST_MEMBER_SET = frozenset(_REQUEST_MEMBERS)
+
+# What the framer skips in one step (possessive: no backtracking):
+# - inside a value: bytes that are not brackets or quotes, and complete strings;
+_SKIP_NESTED = re.compile(rb'[^"{}\[\]]*+(?:"[^"\\]*+(?:\\.[^"\\]*+)*+"[^"{}\[\]]*+)*+', re.DOTALL)
+# - inside a string: everything up to its closing quote (or a final lone backslash);
+_STRING_REST = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+', re.DOTALL)
+# - between values: whitespace; a top-level number or keyword ends at a delimiter.
+_NON_WHITESPACE = re.compile(rb"[^ \t\r\n]")
+_DELIMITER = re.compile(rb'[ \t\r\n{}\[\]":,]')
 
 
 class QmpCommandError(Exception):
@@ -122,6 +134,10 @@ class JsonFramer:
 
     def feed(self, data: bytes) -> list[object]:
         """Append ``data`` and return the values it completes."""
+        if not self._buf:  # between values: ``data`` is most often exactly one request
+            value = self._whole(data)
+            if value is not _NOT_WHOLE:
+                return [value]
         self._buf += data
         frames: list[object] = []
         try:
@@ -137,6 +153,26 @@ class JsonFramer:
             frames.append(self._too_large())
         return frames
 
+    def _whole(self, data: bytes) -> object:
+        """The value ``data`` holds if it is one valid JSON object (then whitespace) that
+        the scanner would cut and :func:`decode_json` accept as is; else ``_NOT_WHOLE``.
+
+        ``{`` then a non-zero byte is what ``json.loads`` decodes as UTF-8; counting
+        every bracket bounds the depth; a valid object ends where the scanner ends it.
+        """
+        if not 2 <= len(data) <= self._max_message or data[0] != _LBRACE or not data[1]:
+            return _NOT_WHOLE
+        if data.count(b"{") + data.count(b"[") > self._max_depth:
+            return _NOT_WHOLE
+        try:
+            text = data.decode("utf-8", "surrogatepass")
+            value, end = _DECODER.raw_decode(text)
+        except ValueError:  # the scanner's path gives the error to answer
+            return _NOT_WHOLE
+        if end < len(text) and text[end:].strip(" \t\r\n"):
+            return _NOT_WHOLE
+        return value
+
     def _take(self, end: int) -> object:
         chunk = bytes(self._buf[self._start : end])
         self._start = self._pos = end
@@ -148,48 +184,82 @@ class JsonFramer:
         return FramingError(f"JSON message exceeds the limit of {self._max_message} bytes")
 
     def _scan(self) -> int | None:
-        """Return the end of the next complete value, or None when more input is needed."""
+        """Return the end of the next complete value, or None when more input is needed.
+
+        The states are those of a byte-by-byte scanner (in a string, after a
+        backslash, in a top-level number or keyword, bracket depth); the
+        regular expressions only skip the bytes that cannot change them.
+        """
         buf, i = self._buf, self._pos
-        while i < len(buf):
-            c = buf[i]
+        n = len(buf)
+        while i < n:
             if self._in_string:
                 if self._escape:
                     self._escape = False
-                elif c == _BACKSLASH:
+                    i += 1
+                    continue
+                i = _STRING_REST.match(buf, i).end()  # type: ignore[union-attr]
+                if i == n:
+                    break
+                i += 1
+                if buf[i - 1] == _BACKSLASH:  # the input ends between a backslash and its byte
                     self._escape = True
-                elif c == _QUOTE:
-                    self._in_string = False
-                    if self._depth == 0:
-                        return i + 1
-            elif self._bare:
-                if c in _DELIMITERS:
-                    self._bare = False
-                    return i
-            elif c in _WHITESPACE:
+                    continue
+                self._in_string = False
                 if self._depth == 0:
-                    self._start = i + 1
-            elif c in _OPEN:
-                self._depth += 1
-                if self._depth > self._max_depth:
-                    raise FramingError("JSON nesting depth limit exceeded")
-            elif c in _CLOSE:
-                if self._depth <= 1:
-                    self._depth = 0
-                    return i + 1
-                self._depth -= 1
-            elif c == _QUOTE:
-                self._in_string = True
+                    return i
+            elif self._bare:
+                end = _DELIMITER.search(buf, i)
+                if end is None:
+                    i = n
+                    break
+                self._bare = False
+                return end.start()
             elif self._depth == 0:
-                self._bare = True
-            i += 1
+                value = _NON_WHITESPACE.search(buf, i)
+                if value is None:
+                    i = self._start = n
+                    break
+                i = self._start = value.start()
+                c = buf[i]
+                i += 1
+                if c == _QUOTE:
+                    self._in_string = True
+                elif c in _OPEN:
+                    self._enter()
+                elif c in _CLOSE:
+                    return i
+                else:
+                    self._bare = True
+            else:
+                i = _SKIP_NESTED.match(buf, i).end()  # type: ignore[union-attr]
+                if i == n:
+                    break
+                c = buf[i]
+                i += 1
+                if c == _QUOTE:
+                    self._in_string = True
+                elif c in _OPEN:
+                    self._enter()
+                elif self._depth <= 1:
+                    self._depth = 0
+                    return i
+                else:
+                    self._depth -= 1
         self._pos = i
         return None
+
+    def _enter(self) -> None:
+        self._depth += 1
+        if self._depth > self._max_depth:
+            raise FramingError("JSON nesting depth limit exceeded")
 
 
 def decode_json(chunk: bytes) -> object:
     """Parse one JSON value as QEMU would, or return the error to answer."""
     try:
-        return json.loads(chunk, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        # json.loads(chunk, ...) without building a decoder per call.
+        return _DECODER.decode(chunk.decode(json.detect_encoding(chunk), "surrogatepass"))
     except json.JSONDecodeError as exc:
         return QmpCommandError(f"JSON parse error, {exc.msg}")
     except ValueError as exc:  # includes UnicodeDecodeError
@@ -201,12 +271,17 @@ def _reject_constant(name: str) -> object:
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key '{key}'")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key '{key}'")
+            seen.add(key)
     return result
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
 
 
 def parse_request(value: object) -> tuple[dict[str, object], Request | QmpCommandError]:
@@ -214,11 +289,12 @@ def parse_request(value: object) -> tuple[dict[str, object], Request | QmpComman
     if not isinstance(value, dict):
         return {}, QmpCommandError("QMP input must be a JSON object")
     echo = {"id": value["id"]} if "id" in value else {}
-    for member in value:
-        if member == "exec-oob":
-            return echo, QmpCommandError("Out-of-band execution is not supported")
-        if member not in _REQUEST_MEMBERS:
-            return echo, QmpCommandError(f"QMP input member '{member}' is unexpected")
+    if not value.keys() <= _REQUEST_MEMBER_SET:  # the first unexpected member is named
+        for member in value:
+            if member == "exec-oob":
+                return echo, QmpCommandError("Out-of-band execution is not supported")
+            if member not in _REQUEST_MEMBERS:
+                return echo, QmpCommandError(f"QMP input member '{member}' is unexpected")
     command = value.get("execute")
     if command is None:
         return echo, QmpCommandError("QMP input lacks member 'execute'")
@@ -240,7 +316,7 @@ def validate_arguments(
         return None
     try:
         # JSON mode: strict models still take enum values and arrays for tuples.
-        return model.model_validate_json(json.dumps(arguments))
+        return model.__pydantic_validator__.validate_json(_dumps(arguments))  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise QmpCommandError(describe_validation_error(exc)) from exc
 
@@ -263,7 +339,47 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def encode(message: Mapping[str, object]) -> bytes:
     """Serialise one message as one line, terminated like QEMU's (``\\r\\n``)."""
-    return json.dumps(message).encode() + b"\r\n"
+    return (_dumps(message) + "\r\n").encode()
+
+
+def _json_dumps(value: object) -> str:
+    return json.dumps(value)
+
+
+def _make_dumps() -> Callable[[object], str]:
+    """``json.dumps`` with its default settings, minus the encoder it builds per call.
+
+    The markers dict is its circular-reference check; an encoding that fails
+    part way leaves entries behind, so it is emptied then.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator: nothing to save
+        return _json_dumps
+    markers: dict[int, object] = {}
+    defaults = json.JSONEncoder()
+    encoder = make(
+        markers,
+        defaults.default,
+        json.encoder.encode_basestring_ascii,
+        None,  # indent
+        defaults.key_separator,
+        defaults.item_separator,
+        False,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+
+    def dumps(value: object) -> str:
+        try:
+            return "".join(encoder(value, 0))
+        except BaseException:
+            markers.clear()
+            raise
+
+    return dumps
+
+
+_dumps = _make_dumps()
 
 
 def result_value(result: object) -> object:
