@@ -45,6 +45,7 @@ from .stats import EngineStats
 
 __all__ = ["Engine", "EngineEvent", "NotifyError"]
 
+
 log = logging.getLogger(__name__)
 
 _SIZES = (1, 2, 4, 8, 16)
@@ -128,7 +129,7 @@ class _Ticket:
     def __init__(
         self,
         future: asyncio.Future[list[NotifyError | None]],
-        entries: list[tuple[Device, int]],
+        entries: list[_Entry],
     ) -> None:
         self.future = future
         self.entries = entries
@@ -143,10 +144,32 @@ class _Ticket:
             self.future.set_result(self.errors)
 
 
-# (ticket, index in the ticket, device, vector)
-_Item = tuple[_Ticket, int, Device, int]
 # A 16-byte window and the access key a cmpxchg on it runs under.
 _WindowKey = tuple[int, int | None]
+
+
+class _Target:
+    """One (device, vector), made once and shared by every notification of it.
+
+    Identity-hashed, so counting a burst's notifications per target is a
+    C-speed ``Counter.update``.
+    """
+
+    __slots__ = ("byte", "device", "image", "vector", "wkey")
+
+    def __init__(self, device: Device, vector: int) -> None:
+        bit = device.dsci[vector]
+        window, image = _window_image(bit.gaddr, bit.mask)
+        self.device = device
+        self.vector = vector
+        self.byte = bit.gaddr
+        #: The 16-byte window of the dsci bit and the key the cmpxchg runs under.
+        self.wkey: _WindowKey = (window, device.key)
+        #: The bit placed in the window's 128-bit big-endian image.
+        self.image = image
+
+
+_Entry = _Target
 
 
 def _window_image(gaddr: int, mask: int) -> tuple[int, int]:
@@ -180,13 +203,12 @@ class Engine:
         self._unavailable: str | None = None
         # The last value seen per (gaddr, size): the next cmpxchg's guess.
         self._seen: dict[tuple[int, int], int] = {}
-        # Per device, per vector: ((window, key), image of the dsci bit in the window).
-        self._slots: dict[Device, list[tuple[_WindowKey, int]]] = {}
-        for device in model.devices.values():
-            self._slots[device] = [
-                ((window, device.key), image)
-                for window, image in (_window_image(b.gaddr, b.mask) for b in device.dsci)
-            ]
+        # Per device name, per vector: the shared target (a dict, so that a
+        # negative or too large vector is a KeyError like an unknown name).
+        self._targets: dict[str, dict[int, _Target]] = {
+            device.name: {vector: _Target(device, vector) for vector in range(device.vectors)}
+            for device in model.devices.values()
+        }
         #: When not None, counts per (device, vector) the notifications that
         #: found their bit clear and set it (the rest merged into a set bit).
         self.set_counts: Counter[tuple[str, int]] | None = None
@@ -205,17 +227,18 @@ class Engine:
         Every item is validated first: an unknown device or a vector out of
         range raises ValueError and nothing is applied.
         """
-        devices = self.model.devices
-        entries: list[tuple[Device, int]] = []
-        for name, vector in items:
-            device = devices.get(name)
-            if device is None or not 0 <= vector < len(device.dsci):
-                self._reject(name, vector)
-            entries.append((device, vector))  # type: ignore[arg-type]
+        items = items if isinstance(items, list | tuple) else list(items)
+        targets = self._targets
+        try:
+            entries = [targets[name][vector] for name, vector in items]
+        except (KeyError, TypeError):
+            for name, vector in items:
+                self.check_target(name, vector)
+            raise
         if not entries:
             return []
         if self._unavailable is not None:
-            return [self._refusal(device, vector) for device, vector in entries]
+            return [self._refusal(entry.device, entry.vector) for entry in entries]
         ticket = _Ticket(asyncio.get_running_loop().create_future(), entries)
         self.stats.notifications += len(entries)
         self._pending.append(ticket)
@@ -249,8 +272,8 @@ class Engine:
         self._unavailable = reason
         pending, self._pending = self._pending, []
         for ticket in pending:
-            for index, (device, vector) in enumerate(ticket.entries):
-                ticket.fail(index, self._refusal(device, vector))
+            for index, entry in enumerate(ticket.entries):
+                ticket.fail(index, self._refusal(entry.device, entry.vector))
             ticket.resolve()
         self._running.set()
 
@@ -321,7 +344,8 @@ class Engine:
                     await self._apply(batch)
                 except BaseException as exc:  # never leave a caller waiting
                     for ticket in batch:
-                        for index, (device, vector) in enumerate(ticket.entries):
+                        for index, entry in enumerate(ticket.entries):
+                            device, vector = entry.device, entry.vector
                             error = NotifyError(device.name, vector, "INTERNAL", f"engine: {exc!r}")
                             ticket.fail(index, error)
                         ticket.resolve()
@@ -336,28 +360,28 @@ class Engine:
 
     async def _apply(self, batch: list[_Ticket]) -> None:
         stats = self.stats
-        slots = self._slots
         # Phase 1: dsci bits, grouped by (16-byte window, key).
-        groups: dict[_WindowKey, list[Any]] = {}
+        counts: Counter[_Target] = Counter()
         for ticket in batch:
-            for index, (device, vector) in enumerate(ticket.entries):
-                wkey, image = slots[device][vector]
-                group = groups.get(wkey)
-                if group is None:
-                    group = groups[wkey] = [0, []]
-                group[0] |= image
-                group[1].append((ticket, index, device, vector))
-        applied: dict[Device, int] = {}  # devices with an applied bit -> how many
-        for (window, key), (mask, items) in groups.items():
-            failed, old = await self._or_group(window, mask, key, items)
-            if self.set_counts is not None:
-                self._count_sets(items, failed, old, window)
-            stats.merged += len(items) - mask.bit_count()
-            if failed:
-                items = [item for item in items if id(item) not in failed]
-            stats.applied += len(items)
-            for item in items:
-                applied[item[2]] = applied.get(item[2], 0) + 1
+            counts.update(ticket.entries)
+        groups: dict[_WindowKey, list[Any]] = {}
+        for target, count in counts.items():
+            group = groups.get(target.wkey)
+            if group is None:
+                group = groups[target.wkey] = [0, []]
+            group[0] |= target.image
+            group[1].append((target, count))
+        applied: Counter[Device] = Counter()  # devices with an applied bit -> how many
+        for wkey, (mask, members) in groups.items():
+            failed, old = await self._or_group(wkey, mask, batch)
+            for target, count in members:
+                if target.byte in failed:
+                    continue
+                if self.set_counts is not None and not old & target.image:
+                    self.set_counts[(target.device.name, target.vector)] += 1
+                stats.applied += count
+                stats.merged += count - 1
+                applied[target.device] += count
         # Phase 2: the summaries of the devices with an applied bit.
         sgroups: dict[_WindowKey, list[Any]] = {}
         for device, count in applied.items():
@@ -374,7 +398,7 @@ class Engine:
             try:
                 old = await self._or_window(window, smask, key)
             except _Failure as failure:
-                self._fail_devices(batch, set(devices), failure)
+                self._fail_where(batch, failure, _of_devices(set(devices)))
                 continue
             for device in devices:
                 shift = (15 - (device.summary.gaddr & 15)) << 3
@@ -388,16 +412,18 @@ class Engine:
         for adapter in due.values():
             self._interrupt(adapter)
 
-    def _fail_devices(self, batch: list[_Ticket], devices: set[Device], failure: _Failure) -> None:
-        """A summary could not be set: fail the applied notifications of ``devices``."""
+    def _fail_where(
+        self, batch: list[_Ticket], failure: _Failure, which: Callable[[_Entry], bool]
+    ) -> None:
+        """Fail the not yet failed notifications of ``batch`` whose entry is ``which``."""
         for ticket in batch:
-            for index, (device, vector) in enumerate(ticket.entries):
-                if device in devices and ticket.errors[index] is None:
-                    self.stats.applied -= 1
-                    self._fail((ticket, index, device, vector), failure)
+            errors = ticket.errors
+            for index, entry in enumerate(ticket.entries):
+                if errors[index] is None and which(entry):
+                    self._fail(ticket, index, entry, failure)
 
-    def _fail(self, item: _Item, failure: _Failure) -> None:
-        ticket, index, device, vector = item
+    def _fail(self, ticket: _Ticket, index: int, entry: _Entry, failure: _Failure) -> None:
+        device, vector = entry.device, entry.vector
         error = failure.for_item(device, vector)
         self.stats.fail(error.code, device.adapter.id)
         context = {
@@ -412,47 +438,34 @@ class Engine:
         self._emit(EngineEvent("failed", device.adapter, error))
         ticket.fail(index, error)
 
-    def _count_sets(self, items: list[_Item], failed: set[int], old: int, window: int) -> None:
-        assert self.set_counts is not None
-        for item in items:
-            if id(item) in failed:
-                continue
-            bit = item[2].dsci[item[3]]
-            image = _window_image(bit.gaddr, bit.mask)[1]
-            if not old & image:
-                self.set_counts[(item[2].name, item[3])] += 1
-                old |= image  # later items of the batch on the same bit merged
-
     async def _or_group(
-        self, window: int, mask: int, key: int | None, items: list[_Item]
+        self, wkey: _WindowKey, mask: int, batch: list[_Ticket]
     ) -> tuple[set[int], int]:
         """OR one window's dsci bits; on failure, retry byte by byte to fail only the
-        notifications whose own byte cannot be set.
+        notifications whose own byte cannot be set (their tickets are in ``batch``).
 
-        Returns the ids of the failed items and the window's image before the OR.
+        Returns the gaddrs of the bytes that failed and the window's image before the OR.
         """
+        window, key = wkey
         try:
             return set(), await self._or_window(window, mask, key)
         except _Failure as failure:
-            if mask.bit_length() - 1 >> 3 == (mask & -mask).bit_length() - 1 >> 3:
-                for item in items:
-                    self._fail(item, failure)
-                return {id(item) for item in items}, 0
+            first_failure = failure
         failed: set[int] = set()
         old = 0
-        by_byte: dict[int, list[_Item]] = {}
-        for item in items:
-            by_byte.setdefault(item[2].dsci[item[3]].gaddr, []).append(item)
-        for gaddr, byte_items in by_byte.items():
-            bits = 0
-            for _, _, device, vector in byte_items:
-                bits |= device.dsci[vector].mask
+        for offset in range(16):
+            shift = (15 - offset) << 3
+            bits = (mask >> shift) & 0xFF
+            if not bits:
+                continue
+            gaddr = window + offset
             try:
-                old |= await self._or_bits(gaddr, 1, bits, key) << ((15 - (gaddr - window)) << 3)
+                if mask == bits << shift:  # a single byte: the first failure is its own
+                    raise first_failure
+                old |= await self._or_bits(gaddr, 1, bits, key) << shift
             except _Failure as failure:
-                for item in byte_items:
-                    self._fail(item, failure)
-                    failed.add(id(item))
+                failed.add(gaddr)
+                self._fail_where(batch, failure, _in_byte(wkey, gaddr))
         return failed, old
 
     async def _or_window(self, window: int, mask: int, key: int | None) -> int:
@@ -535,6 +548,16 @@ class Engine:
                 listener(event)
             except Exception:
                 log.exception("engine listener failed")
+
+
+def _of_devices(devices: set[Device]) -> Callable[[_Entry], bool]:
+    """Entries of these devices (their summary could not be set)."""
+    return lambda entry: entry.device in devices
+
+
+def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[_Entry], bool]:
+    """Entries whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
+    return lambda entry: entry.wkey == wkey and entry.byte == gaddr
 
 
 def _errno_name(number: int | None) -> str:
