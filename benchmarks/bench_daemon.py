@@ -89,6 +89,16 @@ class Row:
     latency_ratio: float | None = None  # p50 / the same client's query-version p50
     throughput_ratio: float | None = None  # notifications/s / query-version commands/s
     note: str = ""
+    #: Latency at the 1st, 5th, 10th, ..., 95th and 99th percentiles (the plot's CDF).
+    percentiles_us: list[tuple[float, float]] | None = None
+
+
+CDF_POINTS = (0.01, 0.05, *(q / 100 for q in range(10, 100, 10)), 0.95, 0.99)
+
+
+def distribution(samples: list[float]) -> list[tuple[float, float]]:
+    """``(fraction, microseconds)`` points of the latency distribution."""
+    return [(q, percentile(samples, q) * 1e6) for q in CDF_POINTS]
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -313,6 +323,7 @@ def bench_raw(path: str, memory: GuestMemory, seconds: float) -> list[Row]:
             raw_latency(client, command, arguments, seconds / 10, before)  # warm up
             samples = raw_latency(client, command, arguments, seconds, before)
             row.p50_us, row.p99_us = percentile(samples, 0.5) * 1e6, percentile(samples, 0.99) * 1e6
+            row.percentiles_us = distribution(samples)
             row.note = f"{len(samples)} round trips, raw blocking socket"
     finally:
         client.close()
@@ -344,6 +355,7 @@ async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
             await latency(client, command, arguments, seconds / 10, before)  # warm up
             samples = await latency(client, command, arguments, seconds, before)
             row.p50_us, row.p99_us = percentile(samples, 0.5) * 1e6, percentile(samples, 0.99) * 1e6
+            row.percentiles_us = distribution(samples)
             row.commands_per_s = await throughput(path, command, arguments, seconds, clients)
             row.notifications_per_s = row.commands_per_s * row.notifications_per_command
             row.note = f"{len(samples)} round trips; {clients} clients for throughput"
@@ -355,6 +367,7 @@ async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
             samples = eventfd_latency(fd, memory, seconds)
             eventfd.p50_us = percentile(samples, 0.5) * 1e6
             eventfd.p99_us = percentile(samples, 0.99) * 1e6
+            eventfd.percentiles_us = distribution(samples)
             writes = 200_000
             rate, reads = await eventfd_throughput(client, fd, writes)
             eventfd.commands_per_s = eventfd.notifications_per_s = rate

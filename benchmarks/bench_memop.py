@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import json
 import time
 from collections.abc import Callable
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=50_000, help="calls per timed round")
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds per loop")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
 
     with EmulatedBackend(MEMORY_SIZE) as backend:
@@ -134,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio = size8 / best[baseline]
         verdict = "met" if ratio <= TARGET_RATIO else "not met"
         print(f"size 8 vs {baseline}: {ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict})")
+    if args.json:
+        rows = [{"loop": name, "ops_per_s": 1 / seconds, "us_per_op": seconds * 1e6,
+                 "x_fastest_bare": seconds / bare} for name, seconds in best.items()]  # fmt: skip
+        with open(args.json, "w") as out:
+            json.dump({"rows": rows, "target_ratio": TARGET_RATIO}, out, indent=2)
     return 0
 
 
