@@ -26,7 +26,8 @@ test: $(STAMP) system-deps lint
 	$(VENV)/bin/pytest -q -ra
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_memop.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/run_all.py
 
 # The fuzz campaign: atheris (coverage-guided) on the decoder and the config
 # loader, hypothesis against a running daemon.  FUZZ_RUNS inputs each.
