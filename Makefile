@@ -35,8 +35,8 @@ FUZZ_RUNS ?= 100000
 fuzz: $(STAMP)
 	$(PY) -m pip install -q atheris
 	mkdir -p .fuzz/decoder .fuzz/config
-	cd fuzz && ../$(PY) run_atheris.py decoder -runs=$(FUZZ_RUNS) -max_len=4096 ../.fuzz/decoder corpus/decoder
-	cd fuzz && ../$(PY) run_atheris.py config -runs=$(FUZZ_RUNS) -max_len=4096 ../.fuzz/config corpus/config
+	cd fuzz && ../$(PY) run_atheris.py decoder -runs=$(FUZZ_RUNS) -max_len=4096 -artifact_prefix=../.fuzz/ ../.fuzz/decoder corpus/decoder
+	cd fuzz && ../$(PY) run_atheris.py config -runs=$(FUZZ_RUNS) -max_len=4096 -artifact_prefix=../.fuzz/ ../.fuzz/config corpus/config
 	INDICATORS_FUZZ_EXAMPLES=$(FUZZ_RUNS) $(VENV)/bin/pytest -q -s tests/test_fuzz.py -k protocol
 
 # The soak against a real QEMU guest; SOAK_SECONDS (default 10 minutes).

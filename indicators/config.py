@@ -327,8 +327,14 @@ def _where(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
         items = items[2:]
         if items and isinstance(items[0], str) and items[0] in ("virtio-ccw", "zpci", "kvm-route"):
             items = items[1:]
-    parts.extend(str(part) for part in items)
+    parts.extend(_part(part) for part in items)
     return ".".join(parts) if parts else "(top level)"
+
+
+def _part(part: int | str) -> str:
+    """One location step: names as they are, odd keys (empty, dotted, spaced) quoted."""
+    text = str(part)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else repr(text)
 
 
 def cross_check(config: Config) -> list[tuple[str, str]]:

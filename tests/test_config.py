@@ -155,6 +155,12 @@ def test_shared_summary_with_different_isc() -> None:
     assert "device 'net1'.isc" in text and "shares its summary" in text
 
 
+def test_odd_keys_are_quoted_in_errors() -> None:
+    text = errors_of({**copy.deepcopy(BASE), "": 0, "a b": 1})
+    assert "'': Extra inputs are not permitted" in text  # found by the config fuzzer
+    assert "'a b': Extra inputs" in text
+
+
 def test_unknown_top_level_field() -> None:
     text = errors_of({**copy.deepcopy(BASE), "colour": "red"})
     assert "colour" in text and "Extra inputs" in text
