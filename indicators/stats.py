@@ -44,6 +44,13 @@ class LatencyHistogram:
             result.append((bound, running))
         return result
 
+    def report(self, q: float) -> float | str | None:
+        """:meth:`quantile` for JSON: past the last bucket is a string, not infinity."""
+        value = self.quantile(q)
+        if value is not None and value == float("inf"):
+            return f"over {self.bounds[-1]:g} s"
+        return value
+
     def quantile(self, q: float) -> float | None:
         """The upper bound of the bucket holding quantile ``q`` (None when empty)."""
         if not self.count:
@@ -120,8 +127,8 @@ class EngineStats:
             "interrupts-suppressed": self.interrupts_suppressed,
             "interrupts-coalesced": self.interrupts_coalesced,
             "failures": dict(self.failures),
-            "latency-p50": self.latency.quantile(0.5),
-            "latency-p99": self.latency.quantile(0.99),
+            "latency-p50": self.latency.report(0.5),
+            "latency-p99": self.latency.report(0.99),
             "adapters": {
                 str(aid): {
                     "notifications": c.notifications,
