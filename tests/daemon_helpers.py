@@ -225,9 +225,13 @@ class Client(QMPClient):
 
 
 @contextlib.asynccontextmanager
-async def qmp_client(path: str, name: str = "test") -> AsyncIterator[Client]:
-    """A connected, negotiated :class:`Client`; disconnects quietly when the server left first."""
+async def qmp_client(
+    path: str, name: str = "test", *, negotiate: bool = True
+) -> AsyncIterator[Client]:
+    """A connected (by default negotiated) :class:`Client`; disconnects quietly when the
+    server left first (disconnect() would re-raise how the link ended)."""
     client = Client(name)
+    client.negotiate = negotiate
     await asyncio.wait_for(client.connect(path), TIMEOUT)
     try:
         yield client
@@ -244,9 +248,12 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, path: str, *, negotiate: bool = True) -> RawClient:
-        """Connect, read the greeting and (by default) negotiate."""
-        raw = cls(*await asyncio.open_unix_connection(path, limit=1 << 20))
+    async def connect(
+        cls, path: str, *, negotiate: bool = True, limit: int = 1 << 20
+    ) -> RawClient:
+        """Connect, read the greeting and (by default) negotiate; ``limit`` bounds how
+        much the client buffers before it stops reading the socket."""
+        raw = cls(*await asyncio.open_unix_connection(path, limit=limit))
         assert "QMP" in await raw.recv()
         if negotiate:
             assert await raw.execute("qmp_capabilities") == {"return": {}}

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
+from daemon_helpers import RawClient, qmp_client, wait_until
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, StateError
 
 from indicators.daemon.qmp_server import (
     PeerCredentials,
@@ -136,67 +135,6 @@ async def server(tmp_path: Path, probe: Probe) -> AsyncIterator[QmpServer]:
     await server.start()
     yield server
     await server.stop()
-
-
-@contextlib.asynccontextmanager
-async def qmp_client(path: str, *, negotiate: bool = True) -> AsyncIterator[QMPClient]:
-    client = QMPClient("test")
-    client.negotiate = negotiate
-    await asyncio.wait_for(client.connect(path), TIMEOUT)
-    try:
-        yield client
-    finally:
-        # After the server hung up first, disconnect() re-raises how the link ended.
-        with contextlib.suppress(EOFError, OSError):
-            await client.disconnect()
-
-
-class RawClient:
-    """A client that writes bytes and reads reply lines, for what QMPClient will not send."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, path: str, *, negotiate: bool = True) -> RawClient:
-        raw = cls(*await asyncio.open_unix_connection(path))
-        greeting = await raw.recv()
-        assert "QMP" in greeting
-        if negotiate:
-            assert await raw.execute("qmp_capabilities") == {"return": {}}
-        return raw
-
-    def send(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def recv(self) -> dict[str, Any]:
-        line = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
-        assert line.endswith(b"\r\n"), line
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def execute(self, command: str, **request: Any) -> dict[str, Any]:
-        self.send(json.dumps({"execute": command, **request}).encode() + b"\n")
-        return await self.recv()
-
-    async def at_eof(self) -> bool:
-        try:
-            return await asyncio.wait_for(self.reader.read(), TIMEOUT) == b""
-        except ConnectionResetError:  # Linux: we hung up with its bytes unread
-            return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def open_fds() -> int:
@@ -448,7 +386,7 @@ async def test_client_that_does_not_read_replies_does_not_block_others(
     tmp_path: Path, probe: Probe
 ) -> None:
     async with make_server(tmp_path, probe, max_queued=128 * 1024) as server:
-        slow = await RawClient.connect(server.path)
+        slow = await RawClient.connect(server.path, limit=1 << 16)
         request = b'{"execute": "big", "arguments": {"size": 16384}}\n'
         slow.send(request * 400)  # 6.5 MB of replies it never reads
         await asyncio.sleep(0.2)
