@@ -5,7 +5,8 @@ Scale: each adapter is a KVM route (its own adapter id) with 8 devices of
 start-up time (config validation, model, engine) and resident memory, then
 for the cost per notification of (a) single notifications to random devices
 of all adapters and (b) bursts of 1,000 to the 8 devices of adapter 0 (the
-same memory work in every configuration, so only the model's size differs).
+same memory work in every configuration, so only the model's size differs),
+each the best of interleaved rounds.
 
 Contention: bursts while a SimulatedGuest thread clears the same indicators;
 retries (no-exchange rounds) per notification.
@@ -72,22 +73,24 @@ async def _measure(adapters: int, seconds: float) -> dict[str, Any]:
     rss = _rss_kib() - rss_before
     names = list(model.devices)
     rng = random.Random(1)
-    singles = [(rng.choice(names), rng.randrange(VECTORS)) for _ in range(2000)]
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    singles = [(rng.choice(names), rng.randrange(VECTORS)) for _ in range(200)]
+    burst = [(f"a0d{i % DEVICES_PER_ADAPTER}", (i // 8) % VECTORS) for i in range(1000)]
+    # Interleaved rounds, the best counts: a shared machine's noise stays out.
+    single_us = burst_us = float("inf")
+    deadline = time.perf_counter() + 2 * seconds
+    while time.perf_counter() < deadline:
+        # Summaries stay set between rounds: after the first round no single
+        # notification raises an interrupt, whatever the number of adapters.
+        start = time.perf_counter()
         for name, vector in singles:
             await engine.notify(name, vector)
-        done += len(singles)
-        backend.memory.write(SUMMARY, bytes(adapters))
-    single_us = (time.perf_counter() - start) / done * 1e6
-    burst = [(f"a0d{i % DEVICES_PER_ADAPTER}", (i // 8) % VECTORS) for i in range(1000)]
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        backend.memory.write(DSCI, bytes(DEVICES_PER_ADAPTER))
-        backend.memory.write(SUMMARY, b"\0")
-        await engine.notify_many(burst)
-        done += len(burst)
-    burst_us = (time.perf_counter() - start) / done * 1e6
+        single_us = min(single_us, (time.perf_counter() - start) / len(singles) * 1e6)
+        for _ in range(5):
+            backend.memory.write(DSCI, bytes(DEVICES_PER_ADAPTER))
+            backend.memory.write(SUMMARY, b"\0")
+            start = time.perf_counter()
+            await engine.notify_many(burst)
+            burst_us = min(burst_us, (time.perf_counter() - start) / len(burst) * 1e6)
     return {"adapters": adapters, "devices": len(names), "startup_s": startup,
             "rss_kib": rss, "single_us": single_us, "burst_us": burst_us}  # fmt: skip
 
