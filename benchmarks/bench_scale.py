@@ -142,7 +142,15 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(asyncio.run(_measure(args.one, args.seconds))))
         return
-    rows = [run_one(n, args.seconds) for n in (1, 100, 1000)]
+    # Three interleaved passes over the configurations, the best of each counts:
+    # a burst of noise on a shared machine then hits one pass, not one size.
+    passes = [[run_one(n, args.seconds) for n in (1, 100, 1000)] for _ in range(3)]
+    rows = []
+    for runs in zip(*passes, strict=True):
+        best = dict(runs[0])
+        for key in ("startup_s", "rss_kib", "single_us", "burst_us"):
+            best[key] = min(run[key] for run in runs)
+        rows.append(best)
     base = rows[0]
     print(f"{'adapters':>8} {'devices':>7} {'start-up ms':>11} {'RSS KiB':>8} "
           f"{'single us':>9} {'x 1':>5} {'burst us':>8} {'x 1':>5}")  # fmt: skip
