@@ -27,9 +27,7 @@ notifications involved.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -38,8 +36,9 @@ from typing import Any
 
 from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
 from .adapters import Adapter, AdapterModel, Device
+from .bitor import BitSetter, OrFailure, errno_name, window_image
 from .config import RetryPolicy
-from .memop import MemopBackend, MemopError, ProgramException, TransientError
+from .memop import MemopBackend
 from .sinks import InterruptSink
 from .stats import EngineStats
 
@@ -47,8 +46,6 @@ __all__ = ["Engine", "EngineEvent", "NotifyError"]
 
 
 log = logging.getLogger(__name__)
-
-_SIZES = (1, 2, 4, 8, 16)
 
 
 class NotifyError(Exception):
@@ -92,33 +89,18 @@ class EngineEvent:
     error: NotifyError | None = None
 
 
-class _Failure(Exception):
-    """An OR that failed; carries what a NotifyError needs, minus the device."""
-
-    def __init__(
-        self,
-        code: str,
-        desc: str,
-        gaddr: int,
-        size: int,
-        key: int | None,
-        cause: BaseException | None = None,
-    ) -> None:
-        super().__init__(desc)
-        self.code, self.desc, self.gaddr, self.size, self.key = code, desc, gaddr, size, key
-        self.cause = cause
-
-    def for_item(self, device: Device, vector: int) -> NotifyError:
-        return NotifyError(
-            device.name,
-            vector,
-            self.code,
-            self.desc,
-            gaddr=self.gaddr,
-            size=self.size,
-            key=self.key,
-            cause=self.cause,
-        )
+def _notify_error(failure: OrFailure, device: Device, vector: int) -> NotifyError:
+    """The error of one notification whose OR failed."""
+    return NotifyError(
+        device.name,
+        vector,
+        failure.code,
+        failure.desc,
+        gaddr=failure.gaddr,
+        size=failure.size,
+        key=failure.key,
+        cause=failure.cause,
+    )
 
 
 class _Ticket:
@@ -159,7 +141,7 @@ class _Target:
 
     def __init__(self, device: Device, vector: int) -> None:
         bit = device.dsci[vector]
-        window, image = _window_image(bit.gaddr, bit.mask)
+        window, image = window_image(bit.gaddr, bit.mask)
         self.device = device
         self.vector = vector
         self.byte = bit.gaddr
@@ -172,11 +154,6 @@ class _Target:
 _Entry = _Target
 
 
-def _window_image(gaddr: int, mask: int) -> tuple[int, int]:
-    """The 16-byte window holding ``gaddr`` and ``mask`` placed in its 128-bit image."""
-    return gaddr & ~15, mask << ((15 - (gaddr & 15)) << 3)
-
-
 class Engine:
     """Applies notifications for the devices of ``model`` through ``backend``."""
 
@@ -186,12 +163,14 @@ class Engine:
         backend: MemopBackend,
         sink: InterruptSink,
         policy: RetryPolicy | None = None,
+        stats: EngineStats | None = None,
     ) -> None:
         self.model = model
-        self.backend = backend
         self.sink = sink
         self.policy = policy or RetryPolicy()
-        self.stats = EngineStats()
+        self.stats = stats or EngineStats()
+        #: The cmpxchg retry loops (they count into ``stats``).
+        self.setter = BitSetter(backend, self.policy, self.stats)
         self.simm = 0  # per-ISC masks, 0x80 >> isc
         self.nimm = 0
         self._pending: list[_Ticket] = []
@@ -199,10 +178,7 @@ class Engine:
         self._running = asyncio.Event()
         self._running.set()
         self._listeners: list[Callable[[EngineEvent], None]] = []
-        self._random = random.Random()
         self._unavailable: str | None = None
-        # The last value seen per (gaddr, size): the next cmpxchg's guess.
-        self._seen: dict[tuple[int, int], int] = {}
         # Per device name, per vector: the shared target (a dict, so that a
         # negative or too large vector is a KeyError like an unknown name).
         self._targets: dict[str, dict[int, _Target]] = {
@@ -214,6 +190,15 @@ class Engine:
         self.set_counts: Counter[tuple[str, int]] | None = None
 
     # ------------------------------------------------------------- public API
+
+    @property
+    def backend(self) -> MemopBackend:
+        """The memop backend the ORs go through."""
+        return self.setter.backend
+
+    @backend.setter
+    def backend(self, backend: MemopBackend) -> None:
+        self.setter.backend = backend
 
     async def notify(self, device: str, vector: int) -> None:
         """Apply one notification; raise :class:`NotifyError` if it failed."""
@@ -386,7 +371,7 @@ class Engine:
         sgroups: dict[_WindowKey, list[Any]] = {}
         for device, count in applied.items():
             stats.applied_to(device.adapter.id, count)
-            window, image = _window_image(device.summary.gaddr, device.summary.mask)
+            window, image = window_image(device.summary.gaddr, device.summary.mask)
             sgroup = sgroups.get((window, device.key))
             if sgroup is None:
                 sgroup = sgroups[(window, device.key)] = [0, []]
@@ -396,8 +381,8 @@ class Engine:
         decisions = 0
         for (window, key), (smask, devices) in sgroups.items():
             try:
-                old = await self._or_window(window, smask, key)
-            except _Failure as failure:
+                old = await self.setter.or_window(window, smask, key)
+            except OrFailure as failure:
                 self._fail_where(batch, failure, _of_devices(set(devices)))
                 continue
             for device in devices:
@@ -413,7 +398,7 @@ class Engine:
             self._interrupt(adapter)
 
     def _fail_where(
-        self, batch: list[_Ticket], failure: _Failure, which: Callable[[_Entry], bool]
+        self, batch: list[_Ticket], failure: OrFailure, which: Callable[[_Entry], bool]
     ) -> None:
         """Fail the not yet failed notifications of ``batch`` whose entry is ``which``."""
         for ticket in batch:
@@ -422,9 +407,9 @@ class Engine:
                 if errors[index] is None and which(entry):
                     self._fail(ticket, index, entry, failure)
 
-    def _fail(self, ticket: _Ticket, index: int, entry: _Entry, failure: _Failure) -> None:
+    def _fail(self, ticket: _Ticket, index: int, entry: _Entry, failure: OrFailure) -> None:
         device, vector = entry.device, entry.vector
-        error = failure.for_item(device, vector)
+        error = _notify_error(failure, device, vector)
         self.stats.fail(error.code, device.adapter.id)
         context = {
             "adapter": device.adapter.name,
@@ -448,8 +433,8 @@ class Engine:
         """
         window, key = wkey
         try:
-            return set(), await self._or_window(window, mask, key)
-        except _Failure as failure:
+            return set(), await self.setter.or_window(window, mask, key)
+        except OrFailure as failure:
             first_failure = failure
         failed: set[int] = set()
         old = 0
@@ -462,64 +447,11 @@ class Engine:
             try:
                 if mask == bits << shift:  # a single byte: the first failure is its own
                     raise first_failure
-                old |= await self._or_bits(gaddr, 1, bits, key) << shift
-            except _Failure as failure:
+                old |= await self.setter.or_bits(gaddr, 1, bits, key) << shift
+            except OrFailure as failure:
                 failed.add(gaddr)
                 self._fail_where(batch, failure, _in_byte(wkey, gaddr))
         return failed, old
-
-    async def _or_window(self, window: int, mask: int, key: int | None) -> int:
-        """OR ``mask`` (a 128-bit big-endian image of the window) with one cmpxchg
-        of the smallest aligned size covering its bytes; return the window's old image."""
-        first = 15 - ((mask.bit_length() - 1) >> 3)
-        last = 15 - (((mask & -mask).bit_length() - 1) >> 3)
-        for size in _SIZES:
-            if first // size == last // size:
-                break
-        start = first - first % size
-        shift = (16 - start - size) << 3
-        old = await self._or_bits(window + start, size, mask >> shift, key)
-        return old << shift
-
-    async def _or_bits(self, gaddr: int, size: int, bits: int, key: int | None) -> int:
-        """The cmpxchg retry loop; returns the value found before the OR.
-
-        The first guess is the last value seen here without ``bits``: right
-        when the guest consumed our bits since, and when they are still set
-        the compare fails and shows it, so nothing is written.
-        """
-        backend, stats, policy = self.backend, self.stats, self.policy
-        where = (gaddr, size)
-        current = self._seen.get(where, 0) & ~bits
-        rounds = transient = 0
-        while current & bits != bits:
-            stats.cmpxchg += 1
-            try:
-                result = backend.cmpxchg(gaddr, size, current, current | bits, key)
-            except TransientError as exc:
-                transient += 1
-                stats.eagain += 1
-                if transient >= policy.eagain_attempts:
-                    desc = f"-EAGAIN {transient} times"
-                    raise _Failure("EAGAIN", desc, gaddr, size, key, exc) from exc
-                delay = min(policy.eagain_backoff_cap, policy.eagain_backoff_base * 2**transient)
-                await asyncio.sleep(delay * (0.5 + self._random.random() / 2))
-                continue
-            except ProgramException as exc:
-                raise _Failure(str(exc.code), exc.reason, gaddr, size, key, exc) from exc
-            except MemopError as exc:
-                raise _Failure(_errno_name(exc.errno), exc.reason, gaddr, size, key, exc) from exc
-            if result.exchanged:
-                self._seen[where] = current | bits
-                return current
-            stats.no_xchg += 1
-            rounds += 1
-            if rounds >= policy.max_no_xchg_rounds:
-                desc = f"no exchange after {rounds} rounds"
-                raise _Failure("NO_XCHG_LIMIT", desc, gaddr, size, key)
-            current = result.old
-        self._seen[where] = current
-        return current
 
     # ------------------------------------------------------------- interrupts
 
@@ -536,7 +468,7 @@ class Engine:
         try:
             self.sink.inject(adapter)
         except OSError as exc:
-            stats.fail(_errno_name(exc.errno), adapter.id)
+            stats.fail(errno_name(exc.errno), adapter.id)
             log.error("injecting an interrupt for adapter %s failed: %s", adapter.name, exc)
             return
         stats.injected(adapter.id)
@@ -558,7 +490,3 @@ def _of_devices(devices: set[Device]) -> Callable[[_Entry], bool]:
 def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[_Entry], bool]:
     """Entries whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
     return lambda entry: entry.wkey == wkey and entry.byte == gaddr
-
-
-def _errno_name(number: int | None) -> str:
-    return errno.errorcode.get(number or 0, str(number))

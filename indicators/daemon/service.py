@@ -217,8 +217,8 @@ class Service:
         if self.engine.pending:
             return self._reload_refused("notifications are pending; try again")
         old = self.engine
-        engine = Engine(*self._confined(model), old.sink, new.retry)
-        engine.stats, engine.simm, engine.nimm = old.stats, old.simm, old.nimm
+        engine = Engine(*self._confined(model), old.sink, new.retry, old.stats)
+        engine.simm, engine.nimm = old.simm, old.nimm
         for listener in old._listeners:
             engine.subscribe(listener)
         if old.paused:
