@@ -111,7 +111,7 @@ class _Ticket:
     def __init__(
         self,
         future: asyncio.Future[list[NotifyError | None]],
-        entries: list[_Entry],
+        entries: list[_Target],
     ) -> None:
         self.future = future
         self.entries = entries
@@ -149,9 +149,6 @@ class _Target:
         self.wkey: _WindowKey = (window, device.key)
         #: The bit placed in the window's 128-bit big-endian image.
         self.image = image
-
-
-_Entry = _Target
 
 
 class Engine:
@@ -398,7 +395,7 @@ class Engine:
             self._interrupt(adapter)
 
     def _fail_where(
-        self, batch: list[_Ticket], failure: OrFailure, which: Callable[[_Entry], bool]
+        self, batch: list[_Ticket], failure: OrFailure, which: Callable[[_Target], bool]
     ) -> None:
         """Fail the not yet failed notifications of ``batch`` whose entry is ``which``."""
         for ticket in batch:
@@ -407,7 +404,7 @@ class Engine:
                 if errors[index] is None and which(entry):
                     self._fail(ticket, index, entry, failure)
 
-    def _fail(self, ticket: _Ticket, index: int, entry: _Entry, failure: OrFailure) -> None:
+    def _fail(self, ticket: _Ticket, index: int, entry: _Target, failure: OrFailure) -> None:
         device, vector = entry.device, entry.vector
         error = _notify_error(failure, device, vector)
         self.stats.fail(error.code, device.adapter.id)
@@ -482,11 +479,11 @@ class Engine:
                 log.exception("engine listener failed")
 
 
-def _of_devices(devices: set[Device]) -> Callable[[_Entry], bool]:
+def _of_devices(devices: set[Device]) -> Callable[[_Target], bool]:
     """Entries of these devices (their summary could not be set)."""
     return lambda entry: entry.device in devices
 
 
-def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[_Entry], bool]:
+def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[_Target], bool]:
     """Entries whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
     return lambda entry: entry.wkey == wkey and entry.byte == gaddr
