@@ -93,9 +93,7 @@ class AdapterModel:
 
     def owned_bytes(self) -> set[int]:
         """Every guest byte that holds a configured dsci or summary bit."""
-        owned = {bit.gaddr for device in self.devices.values() for bit in device.dsci}
-        owned.update(device.summary.gaddr for device in self.devices.values())
-        return owned
+        return set(self.allowed_bits())
 
 
 def _adapter_identity(device: DeviceConfig) -> tuple[int, str, bool]:

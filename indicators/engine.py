@@ -231,16 +231,12 @@ class Engine:
     def check_target(self, name: str, vector: int) -> None:
         """Raise ValueError naming the problem unless ``name``/``vector`` exists."""
         device = self.model.devices.get(name)
-        if device is None or not 0 <= vector < len(device.dsci):
-            self._reject(name, vector)
-
-    def _reject(self, name: str, vector: int) -> None:
-        device = self.model.devices.get(name)
         if device is None:
             raise ValueError(f"unknown device {name!r}")
-        raise ValueError(
-            f"device {name!r} has vectors 0..{len(device.dsci) - 1}; vector {vector} is not one"
-        )
+        if not 0 <= vector < len(device.dsci):
+            raise ValueError(
+                f"device {name!r} has vectors 0..{len(device.dsci) - 1}; vector {vector} is not one"
+            )
 
     def _refusal(self, device: Device, vector: int) -> NotifyError:
         error = NotifyError(device.name, vector, "UNAVAILABLE", f"guest unavailable: "

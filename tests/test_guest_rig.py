@@ -32,6 +32,7 @@ from indicators.testing.guest import (
     Layout,
     ParamError,
 )
+from indicators.testing.plugin import require_qemu
 from indicators.testing.qemu import (
     AirqGuest,
     BadParametersError,
@@ -80,11 +81,7 @@ ROUND_TRIPS = 30_000
 
 @pytest.fixture
 def rig_available() -> None:
-    reason = skip_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the QEMU rig: {reason}")
-        pytest.skip(reason)
+    require_qemu()
 
 
 @pytest.fixture

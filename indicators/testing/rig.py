@@ -39,6 +39,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from indicators.adapters import build_model
 from indicators.config import Config, parse_config
 from indicators.daemon.service import Service
 from indicators.engine import Engine
@@ -326,12 +327,7 @@ class IndicatorsRig:
 
     def config_owned_bytes(self) -> set[int]:
         """Every gaddr that holds a configured DSCI or summary bit."""
-        owned: set[int] = set()
-        for device in self.config.devices:
-            bits = device.dsci_bits()
-            owned.update(range(bits.start // 8, (bits.stop - 1) // 8 + 1))
-            owned.add(device.summary_bit() // 8)
-        return owned
+        return build_model(self.config).owned_bytes()
 
     def indicators(self) -> bytes:
         """The indicator and summary bytes, in gaddr order (a snapshot to compare)."""
