@@ -14,12 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from .config import Config, DeviceConfig, KvmRouteDevice, ZpciDevice
+from .config import ADAPTER_TYPES, Config, DeviceConfig
 
 __all__ = ["ADAPTER_TYPES", "Adapter", "AdapterModel", "Bit", "Device", "build_model"]
-
-#: QEMU's adapter types (hw/s390x/css.h: CSS_IO_ADAPTER_VIRTIO, _PCI).
-ADAPTER_TYPES = {"virtio-ccw": 0, "zpci": 1}
 
 
 class Bit(NamedTuple):
@@ -96,19 +93,12 @@ class AdapterModel:
         return set(self.allowed_bits())
 
 
-def _adapter_identity(device: DeviceConfig) -> tuple[int, str, bool]:
-    if isinstance(device, KvmRouteDevice):
-        return device.adapter_id, device.kind, device.suppressible
-    suppressible = device.suppressible if isinstance(device, ZpciDevice) else False
-    return ADAPTER_TYPES[device.kind] << 3 | device.isc, device.kind, suppressible
-
-
 def build_model(config: Config) -> AdapterModel:
     """Resolve a validated config (see :func:`indicators.config.parse_config`)."""
     adapters: dict[int, Adapter] = {}
     devices: dict[str, Device] = {}
     for spec in config.devices:
-        adapter_id, kind, suppressible = _adapter_identity(spec)
+        adapter_id, kind, suppressible = spec.adapter_identity()
         adapter = adapters.get(adapter_id)
         if adapter is None:
             adapter = adapters[adapter_id] = Adapter(adapter_id, spec.isc, kind, suppressible)

@@ -28,11 +28,24 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
+
+from . import config_rules
+from .errors import IndicatorsError
 
 __all__ = [
+    "ADAPTER_TYPES",
     "Config",
     "ConfigError",
     "ControlConfig",
@@ -48,9 +61,11 @@ __all__ = [
     "ZpciDevice",
     "load_config",
     "parse_config",
+    "parse_size",
 ]
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_PATTERN = r"^\s*(\d+)\s*([KMGTkmgt]?)(?:[iI]?[bB])?\s*$"
+_SIZE = re.compile(_SIZE_PATTERN)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 Isc = Annotated[int, Field(ge=0, le=7, description="interruption subclass 0..7")]
@@ -72,6 +87,23 @@ def parse_size(value: Any) -> Any:
     return value
 
 
+#: A size in bytes: an integer or a string like "16M"; the schema says both,
+#: with the same pattern the loader applies.
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": _SIZE_PATTERN},
+            ]
+        }
+    ),
+    Field(gt=0),
+]
+
+
 # --------------------------------------------------------------------- backend
 
 
@@ -89,8 +121,9 @@ class FaultConfig(_Model):
 class EmulatedBackendConfig(_Model):
     """The emulation over mapped memory: anonymous, or a guest's RAM file."""
 
-    kind: Literal["emulated"] = "emulated"
-    memory_size: int = Field(gt=0, description="guest memory size in bytes, or '256M'")
+    # No default: the backend union is told apart by ``kind``, so it is always given.
+    kind: Literal["emulated"]
+    memory_size: Size = Field(description="guest memory size in bytes, or '256M'")
     ram: str | None = Field(
         default=None,
         description="RAM file to map (QEMU memory-backend-file share=on), or 'auto' "
@@ -101,8 +134,6 @@ class EmulatedBackendConfig(_Model):
         description="initial storage key byte per page, {'0x10000' = 0x30}",
     )
     faults: FaultConfig | None = None
-
-    _size = field_validator("memory_size", mode="before")(parse_size)
 
     @field_validator("memory_size")
     @classmethod
@@ -116,7 +147,7 @@ class KvmBackendConfig(_Model):
     """The real KVM_S390_MEM_OP ioctl on a VM fd."""
 
     kind: Literal["kvm"]
-    memory_size: int = Field(gt=0, description="guest memory size (bounds the config check)")
+    memory_size: Size = Field(description="guest memory size (bounds the config check)")
     vm_fd: str = Field(
         description="where the VM fd comes from: 'fd:N' (inherited), 'unix:PATH' "
         "(SCM_RIGHTS), or 'pid:N' (pidfd_getfd from the VMM)",
@@ -127,8 +158,6 @@ class KvmBackendConfig(_Model):
         default=None,
         description="FLIC device fd, same forms as vm_fd; enables AIRQ_INJECT and AISM",
     )
-
-    _size = field_validator("memory_size", mode="before")(parse_size)
 
 
 BackendConfig = Annotated[EmulatedBackendConfig | KvmBackendConfig, Field(discriminator="kind")]
@@ -152,7 +181,17 @@ class RetryPolicy(_Model):
 # --------------------------------------------------------------------- devices
 
 
+#: QEMU's adapter types (hw/s390x/css.h: CSS_IO_ADAPTER_VIRTIO, _PCI); a
+#: device of such a kind is on adapter ``type << 3 | isc``.
+ADAPTER_TYPES = {"virtio-ccw": 0, "zpci": 1}
+
+
 class _DeviceBase(_Model):
+    #: The config fields that hold the device's indicator and summary addresses
+    #: (errors about those addresses name them).
+    indicator_field: ClassVar[str]
+    summary_field: ClassVar[str]
+
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     key: AccessKey | None = Field(
         default=None, description="access key for the memops; none: no key checking"
@@ -174,9 +213,20 @@ class _DeviceBase(_Model):
         """How many vectors (queues, interrupts) the device has."""
         return len(self.dsci_bits())
 
+    def adapter_identity(self) -> tuple[int, str, bool]:
+        """``(adapter id, kind, suppressible)`` of the adapter this device is on.
+
+        Devices with the same adapter id share one adapter; the config rules
+        refuse devices that agree on the id but not on the rest.
+        """
+        raise NotImplementedError
+
 
 class VirtioCcwDevice(_DeviceBase):
     """A virtio-ccw device with adapter interrupts (CCW SET_IND_ADAPTER)."""
+
+    indicator_field = "device_indicator"
+    summary_field = "summary_indicator"
 
     kind: Literal["virtio-ccw"]
     summary_indicator: Gaddr
@@ -193,9 +243,15 @@ class VirtioCcwDevice(_DeviceBase):
     def summary_bit(self) -> int:
         return self.summary_indicator * 8 + 7  # QEMU ORs 0x01 into the summary byte
 
+    def adapter_identity(self) -> tuple[int, str, bool]:
+        return ADAPTER_TYPES[self.kind] << 3 | self.isc, self.kind, False
+
 
 class ZpciDevice(_DeviceBase):
     """A zPCI function's MSI through the FIB (aibv/aisb)."""
+
+    indicator_field = "aibv"
+    summary_field = "aisb"
 
     kind: Literal["zpci"]
     aibv: Gaddr
@@ -214,9 +270,15 @@ class ZpciDevice(_DeviceBase):
     def summary_bit(self) -> int:
         return self.aisb * 8 + self.aisbo
 
+    def adapter_identity(self) -> tuple[int, str, bool]:
+        return ADAPTER_TYPES[self.kind] << 3 | self.isc, self.kind, self.suppressible
+
 
 class KvmRouteDevice(_DeviceBase):
     """KVM's in-kernel adapter route (KVM_IRQ_ROUTING_S390_ADAPTER), one bit per vector."""
+
+    indicator_field = "ind_addr"
+    summary_field = "summary_addr"
 
     kind: Literal["kvm-route"]
     ind_addr: Gaddr
@@ -235,6 +297,9 @@ class KvmRouteDevice(_DeviceBase):
 
     def summary_bit(self) -> int:
         return self.summary_addr * 8 + self.summary_offset
+
+    def adapter_identity(self) -> tuple[int, str, bool]:
+        return self.adapter_id, self.kind, self.suppressible
 
 
 DeviceConfig = Annotated[VirtioCcwDevice | ZpciDevice | KvmRouteDevice, Field(discriminator="kind")]
@@ -303,8 +368,14 @@ class Config(_Model):
     run_as: RunAsConfig | None = None
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; ``errors`` lists ``(where, what)`` pairs."""
+class ConfigError(IndicatorsError, ValueError):
+    """A config that cannot be used; ``errors`` lists ``(where, what)`` pairs.
+
+    ``where`` names the section or device and the field (``device 'net0'.isc``,
+    ``backend.storage_keys.'0x10000'``), ``what`` the rule and the value given.
+    """
+
+    exit_code = 2
 
     def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
         self.source = source
@@ -312,116 +383,69 @@ class ConfigError(ValueError):
         lines = "\n".join(f"  {where}: {what}" for where, what in errors)
         super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
 
-
-def _where(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
-    """Render a pydantic location, naming the device instead of its index."""
-    parts: list[str] = []
-    items = list(loc)
-    if len(items) >= 2 and items[0] == "devices" and isinstance(items[1], int):
-        index = items[1]
-        devices = raw.get("devices")
-        name = None
-        if isinstance(devices, list) and index < len(devices) and isinstance(devices[index], dict):
-            name = devices[index].get("name")
-        parts.append(f"device {name!r}" if name else f"devices[{index}]")
-        items = items[2:]
-        if items and isinstance(items[0], str) and items[0] in ("virtio-ccw", "zpci", "kvm-route"):
-            items = items[1:]
-    parts.extend(_part(part) for part in items)
-    return ".".join(parts) if parts else "(top level)"
-
-
-def _part(part: int | str) -> str:
-    """One location step: names as they are, odd keys (empty, dotted, spaced) quoted."""
-    text = str(part)
-    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else repr(text)
-
-
-def cross_check(config: Config) -> list[tuple[str, str]]:
-    """The checks that need several fields or devices at once."""
-    problems: list[tuple[str, str]] = []
-    limit = config.backend.memory_size * 8
-    seen_names: set[str] = set()
-    owner: dict[int, str] = {}  # absolute dsci bit -> device name
-    summaries: dict[int, DeviceConfig] = {}  # absolute summary bit -> first device
-    summary_bytes: set[int] = set()
-    for device in config.devices:
-        where = f"device {device.name!r}"
-        if device.name in seen_names:
-            problems.append((f"{where}.name", "duplicate device name"))
-        seen_names.add(device.name)
-        bits = device.dsci_bits()
-        field = _INDICATOR_FIELD[device.kind]
-        if bits.stop > limit:
-            problems.append(
-                (
-                    f"{where}.{field}",
-                    f"indicator bits end at byte {(bits.stop - 1) // 8:#x}, "
-                    f"past guest memory ({config.backend.memory_size:#x} bytes)",
-                )
-            )
-        summary = device.summary_bit()
-        if summary >= limit:
-            problems.append(
-                (
-                    f"{where}.{_SUMMARY_FIELD[device.kind]}",
-                    f"summary byte {summary // 8:#x} is past guest memory "
-                    f"({config.backend.memory_size:#x} bytes)",
-                )
-            )
-        other = summaries.setdefault(summary, device)
-        if other.isc != device.isc:
-            problems.append(
-                (
-                    f"{where}.isc",
-                    f"shares its summary bit with {other.name!r} "
-                    f"(isc {other.isc}) but has isc {device.isc}",
-                )
-            )
-        summary_bytes.add(summary // 8)
-        for bit in bits:
-            first = owner.setdefault(bit, device.name)
-            if first != device.name:
-                problems.append(
-                    (
-                        f"{where}.{field}",
-                        f"indicator bit {bit - bits.start} (byte {bit // 8:#x}, "
-                        f"mask {0x80 >> (bit % 8):#04x}) overlaps device {first!r}",
-                    )
-                )
-                break
-    for bit, name in sorted(owner.items()):
-        if bit // 8 in summary_bytes:
-            problems.append(
-                (
-                    f"device {name!r}.{_INDICATOR_FIELD[_kind_of(config, name)]}",
-                    f"indicator bit at byte {bit // 8:#x} mask {0x80 >> (bit % 8):#04x} "
-                    f"overlaps a summary indicator byte",
-                )
-            )
-            break
-    return problems
-
-
-_INDICATOR_FIELD = {"virtio-ccw": "device_indicator", "zpci": "aibv", "kvm-route": "ind_addr"}
-_SUMMARY_FIELD = {"virtio-ccw": "summary_indicator", "zpci": "aisb", "kvm-route": "summary_addr"}
-
-
-def _kind_of(config: Config, name: str) -> str:
-    return next(d.kind for d in config.devices if d.name == name)
+    def one_line(self) -> str:
+        # One line per problem: a config may have several, all reported at once.
+        return f"config error: {self}"
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
-    """Validate a decoded config; raise :class:`ConfigError` naming device and field."""
+    """Validate a decoded config; raise :class:`ConfigError` naming device and field.
+
+    One pass: the field errors and the rules between fields and devices
+    (:mod:`indicators.config_rules`) are reported together, the rules run
+    on every section and device that is valid on its own.
+    """
     try:
-        config = Config.model_validate(raw)
+        config: Config | None = Config.model_validate(raw)
     except ValidationError as exc:
-        errors = [(_where(err["loc"], raw), err["msg"]) for err in exc.errors()]
-        raise ConfigError(source, errors) from None
-    problems = cross_check(config)
-    if problems:
-        raise ConfigError(source, problems)
+        config = None
+        errors = config_rules.field_errors(exc, raw, Config)
+    else:
+        errors = []
+    if config is not None:
+        parts = _Parts(config.backend, config.devices, config.vmm is not None, config.run_as)
+    else:
+        parts = _valid_parts(raw)
+    errors += config_rules.check(
+        parts.backend, parts.devices, has_vmm=parts.has_vmm, run_as=parts.run_as
+    )
+    if errors:
+        raise ConfigError(source, errors)
+    assert config is not None  # no errors: the whole model validated
     return config
+
+
+class _Parts(NamedTuple):
+    """What the rules look at; from a config with field errors, the parts valid alone."""
+
+    backend: EmulatedBackendConfig | KvmBackendConfig | None
+    devices: list[DeviceConfig]
+    has_vmm: bool
+    run_as: RunAsConfig | None
+
+
+_BACKEND: TypeAdapter[EmulatedBackendConfig | KvmBackendConfig] = TypeAdapter(BackendConfig)
+_DEVICE: TypeAdapter[VirtioCcwDevice | ZpciDevice | KvmRouteDevice] = TypeAdapter(DeviceConfig)
+_RUN_AS: TypeAdapter[RunAsConfig] = TypeAdapter(RunAsConfig)
+_T = TypeVar("_T")
+
+
+def _valid_parts(raw: Any) -> _Parts:
+    """The sections and devices of ``raw`` that are valid each on its own."""
+    if not isinstance(raw, dict):
+        return _Parts(None, [], False, None)
+    backend = _valid(_BACKEND, raw.get("backend"))
+    listed = raw.get("devices")
+    devices = [_valid(_DEVICE, item) for item in (listed if isinstance(listed, list) else [])]
+    run_as = _valid(_RUN_AS, raw.get("run_as"))
+    return _Parts(backend, [d for d in devices if d is not None], "vmm" in raw, run_as)
+
+
+def _valid(adapter: TypeAdapter[_T], value: Any) -> _T | None:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        return None
 
 
 def load_config(path: str | Path) -> Config:
@@ -431,6 +455,6 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(str(path), [("(file)", exc.strerror or str(exc))]) from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [("(toml)", str(exc))]) from None
     return parse_config(raw, str(path))

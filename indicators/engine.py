@@ -38,6 +38,7 @@ from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
 from .adapters import Adapter, AdapterModel, Device
 from .bitor import BitSetter, OrFailure, errno_name, window_image
 from .config import RetryPolicy
+from .errors import IndicatorsError
 from .memop import MemopBackend
 from .sinks import InterruptSink
 from .stats import EngineStats
@@ -48,7 +49,7 @@ __all__ = ["Engine", "EngineEvent", "NotifyError"]
 log = logging.getLogger(__name__)
 
 
-class NotifyError(Exception):
+class NotifyError(IndicatorsError):
     """A notification that could not be applied.
 
     ``code`` is the program interruption code (4, 5), the errno name

@@ -76,7 +76,7 @@ def _with_device_change(name: str, **change: Any) -> dict[str, Any]:
         (_with_device_change("locked", key=16), ["device 'locked'.key"]),
         (
             {**daemon_config("/tmp/unused.sock"), "backend": {"kind": "emulated"}},
-            ["backend.emulated.memory_size", "Field required"],
+            ["backend.memory_size", "Field required"],
         ),
     ],
 )

@@ -16,13 +16,14 @@ import stat
 from dataclasses import dataclass
 
 from ..engine import Engine
+from ..errors import IndicatorsError
 
 __all__ = ["EventfdError", "EventfdSources", "is_eventfd"]
 
 log = logging.getLogger(__name__)
 
 
-class EventfdError(ValueError):
+class EventfdError(IndicatorsError, ValueError):
     """An eventfd that cannot be attached; the message says which and why."""
 
 

@@ -21,10 +21,12 @@ import grp
 import os
 import pwd
 
+from ..errors import IndicatorsError
+
 __all__ = ["PrivilegeError", "drop_to"]
 
 
-class PrivilegeError(PermissionError):
+class PrivilegeError(IndicatorsError, PermissionError):
     """The configured user or group cannot be switched to."""
 
 

@@ -24,6 +24,8 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import ClassVar, NamedTuple
 
+from ..errors import IndicatorsError
+
 __all__ = [
     "CmpxchgResult",
     "MemopBackend",
@@ -41,7 +43,7 @@ class CmpxchgResult(NamedTuple):
     old: int
 
 
-class MemopError(Exception):
+class MemopError(IndicatorsError):
     """A memop that did not run.
 
     ``errno`` is the kernel's error number (``None`` for a program exception),

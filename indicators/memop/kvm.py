@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from .. import abi
+from ..errors import IndicatorsError
 from .base import (
     CmpxchgResult,
     MemopBackend,
@@ -39,7 +40,14 @@ from .base import (
     check_value,
 )
 
-__all__ = ["Abi", "IoctlFn", "KvmBackend", "KvmUnavailableError", "system_ioctl"]
+__all__ = [
+    "Abi",
+    "IoctlFn",
+    "KvmBackend",
+    "KvmUnavailableError",
+    "require_s390x_kvm",
+    "system_ioctl",
+]
 
 Abi = Literal["upstream", "v5", "auto"]
 
@@ -49,7 +57,7 @@ IoctlFn = Callable[[int, int, int], int]
 _PROBE_GADDR = (1 << 64) - 16  # aligned, and no guest has memory there
 
 
-class KvmUnavailableError(RuntimeError):
+class KvmUnavailableError(IndicatorsError, RuntimeError):
     """This host cannot run the KVM backend (not s390x, no /dev/kvm, old kernel)."""
 
 
@@ -89,7 +97,7 @@ class KvmBackend(MemopBackend):
         self, vm_fd: int, *, abi_version: Abi = "auto", ioctl: IoctlFn | None = None
     ) -> None:
         if ioctl is None:
-            _require_s390x_kvm()
+            require_s390x_kvm()
             ioctl = system_ioctl()
         self.vm_fd = vm_fd
         self._ioctl = ioctl
@@ -229,7 +237,8 @@ class KvmBackend(MemopBackend):
         self._ioctl(flic_fd, abi.KVM_SET_DEVICE_ATTR, ctypes.addressof(arg))
 
 
-def _require_s390x_kvm() -> None:
+def require_s390x_kvm() -> None:
+    """Raise :class:`KvmUnavailableError` unless this host is s390x with /dev/kvm."""
     machine = platform.machine()
     if machine != "s390x":
         raise KvmUnavailableError(

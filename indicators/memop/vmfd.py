@@ -24,13 +24,15 @@ import ctypes
 import os
 import socket
 
+from ..errors import IndicatorsError
+
 __all__ = ["VmFdError", "acquire_fd", "fd_kind", "from_inherited", "from_pid", "from_unix_socket"]
 
 KVM_VM = "anon_inode:kvm-vm"
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture (unified table)
 
 
-class VmFdError(OSError):
+class VmFdError(IndicatorsError, OSError):
     """The VM fd could not be acquired; the message says from where and why."""
 
 

@@ -1,0 +1,411 @@
+"""The rules a config keeps beyond each field's type, and how its errors read.
+
+:func:`indicators.config.parse_config` validates the fields with pydantic,
+then calls :func:`check` on every section and device that is valid on its
+own, so one run reports every problem: field errors and the rules between
+fields, devices and the host together.  ``indicators config check`` and
+``indicators run`` both load a config through that one function, so a
+config that passes the check is not refused by ``run`` for anything the
+file says.
+
+The rules (each error names the device or section, the field and the value):
+
+- device names are unique; indicator bits never overlap each other or a
+  summary byte; indicator and summary bytes lie inside guest memory;
+- devices sharing a summary bit share an ISC;
+- one adapter id means one ISC, one kind and one suppressible flag
+  (virtio-ccw adapters are ``0 << 3 | isc``, zPCI ``1 << 3 | isc``, a
+  kvm-route gives its own id, so a route can collide with either);
+- ``storage_keys``: each page a number, 4 KiB aligned, inside guest memory,
+  each key byte 0..0xff without the reserved bit 0x01;
+- ``ram = "auto"`` needs the ``[vmm]`` link that finds the file; an
+  existing RAM file is at least ``memory_size`` bytes;
+- the ``run_as`` user and group exist on this host.
+
+Nothing here imports the models at run time (they are passed in), so the
+models module can import this one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import os
+import pwd
+import re
+import stat
+import typing
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from .abi import PAGE_SHIFT, SKEY_RESERVED
+
+if TYPE_CHECKING:
+    from .config import DeviceConfig, EmulatedBackendConfig, KvmBackendConfig, RunAsConfig
+
+__all__ = ["check", "field_errors", "ram_file_problem", "storage_key_problems"]
+
+Problem = tuple[str, str]
+
+_PAGE = 1 << PAGE_SHIFT
+
+
+# ------------------------------------------------------------ field errors
+
+
+def field_errors(exc: ValidationError, raw: Any, root: type[BaseModel]) -> list[Problem]:
+    """pydantic's errors as ``(where, what)``: device names, the value given, near misses."""
+    problems: list[Problem] = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        what = error["msg"]
+        if error["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            what += _did_you_mean(loc[-1], _fields_at(root, loc[:-1]))
+        elif error["type"] == "union_tag_invalid":
+            tags = _tags_at(root, loc)
+            given = str((error.get("ctx") or {}).get("tag", ""))
+            what = f"kind {given!r} is not one of {', '.join(map(repr, tags))}"
+            what += _did_you_mean(given, tags)
+        elif error["type"] == "value_error":
+            what = what.removeprefix("Value error, ")  # our validators name the value
+        elif error["type"] != "missing":
+            what += f" (given {_shown(error.get('input'))})"
+        problems.append((_where(loc, raw, root), what))
+    return problems
+
+
+def _did_you_mean(given: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it, short: addresses in hex."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 4096:
+        return hex(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _where(loc: tuple[int | str, ...], raw: Any, root: type[BaseModel]) -> str:
+    """Render a pydantic location: a device by its name, no union tags."""
+    parts: list[str] = []
+    models: list[type[BaseModel]] = [root]
+    node: Any = raw
+    for index, step in enumerate(loc):
+        tagged = [model for model in models if isinstance(step, str) and _tag(model) == step]
+        if tagged:
+            models = tagged  # the discriminator's step: the user wrote it as `kind`
+            continue
+        if isinstance(step, int) and index == 1 and loc[0] == "devices":
+            name = node[step].get("name") if _indexable(node, step) else None
+            parts.append(
+                f"device {name!r}" if isinstance(name, str) and name else f"devices[{step}]"
+            )
+        elif isinstance(step, int):
+            parts.append(f"[{step}]")
+        else:
+            parts.append(_part(step))
+        models = _step(models, step)
+        node = node[step] if _indexable(node, step) else None
+    text = ".".join(parts).replace(".[", "[")
+    return text or "(top level)"
+
+
+def _indexable(node: Any, step: int | str) -> bool:
+    if isinstance(step, int):
+        return isinstance(node, list) and 0 <= step < len(node) and isinstance(node[step], dict)
+    return isinstance(node, dict) and step in node
+
+
+def _part(part: int | str) -> str:
+    """One location step: names as they are, odd keys (empty, dotted, spaced) quoted."""
+    text = str(part)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else repr(text)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation can hold (through Annotated, unions, lists, dicts)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def _step(models: list[type[BaseModel]], step: int | str) -> list[type[BaseModel]]:
+    if isinstance(step, int):
+        return models  # a list item: the same models as the list
+    found: list[type[BaseModel]] = []
+    for model in models:
+        field = model.model_fields.get(step)
+        if field is not None:
+            found.extend(_models_in(field.annotation))
+    return found
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("kind")
+    if field is None or typing.get_origin(field.annotation) is not typing.Literal:
+        return None
+    return str(typing.get_args(field.annotation)[0])
+
+
+def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[type[BaseModel]]:
+    models = [root]
+    for step in loc:
+        tagged = [model for model in models if isinstance(step, str) and _tag(model) == step]
+        models = tagged or _step(models, step)
+    return models
+
+
+def _fields_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    return sorted({name for model in _walk(root, loc) for name in model.model_fields})
+
+
+def _tags_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    return [tag for model in _walk(root, loc) if (tag := _tag(model)) is not None]
+
+
+# ------------------------------------------------------------------ rules
+
+
+def check(
+    backend: EmulatedBackendConfig | KvmBackendConfig | None,
+    devices: Sequence[DeviceConfig],
+    *,
+    has_vmm: bool,
+    run_as: RunAsConfig | None = None,
+) -> list[Problem]:
+    """Every rule on the parts given (``backend`` None: it had field errors)."""
+    problems: list[Problem] = []
+    if backend is not None:
+        problems += backend_problems(backend, has_vmm=has_vmm)
+        problems += _placement(backend.memory_size, devices)
+    problems += _names(devices)
+    problems += _overlaps(devices)
+    problems += _summary_iscs(devices)
+    problems += _adapter_identities(devices)
+    if run_as is not None:
+        problems += _run_as(run_as)
+    return problems
+
+
+def backend_problems(
+    backend: EmulatedBackendConfig | KvmBackendConfig, *, has_vmm: bool
+) -> list[Problem]:
+    """The rules of the backend section alone (the wiring repeats them before opening it)."""
+    if backend.kind != "emulated":
+        return []
+    problems = storage_key_problems(backend.storage_keys, backend.memory_size)
+    if backend.ram == "auto" and not has_vmm:
+        problems.append(
+            ("backend.ram", "'auto' asks the [vmm] link for the RAM file, but there is no [vmm]")
+        )
+    elif backend.ram is not None and backend.ram != "auto":
+        problem = ram_file_problem(backend.ram, backend.memory_size)
+        if problem is not None:
+            problems.append(("backend.ram", problem))
+    return problems
+
+
+def storage_key_problems(keys: dict[str, int], memory_size: int) -> list[Problem]:
+    """``storage_keys``: pages are numbers, aligned, in memory; keys are valid key bytes."""
+    problems: list[Problem] = []
+    for page, key in keys.items():
+        where = f"backend.storage_keys.{_part(page)}"
+        try:
+            gaddr = int(page, 0)
+        except ValueError:
+            problems.append((where, f"page {page!r} is not a number (write it like '0x10000')"))
+            gaddr = None
+        if gaddr is not None and not 0 <= gaddr < memory_size:
+            problems.append(
+                (where, f"page {gaddr:#x} is outside guest memory (memory_size {memory_size:#x})")
+            )
+        elif gaddr is not None and gaddr % _PAGE:
+            problems.append(
+                (
+                    where,
+                    f"page {gaddr:#x} is not 4 KiB aligned (its page starts at "
+                    f"{gaddr & ~(_PAGE - 1):#x})",
+                )
+            )
+        if not 0 <= key <= 0xFF:
+            problems.append((where, f"key {key:#x} is not a key byte 0..0xff (ACC<<4|F|R|C)"))
+        elif key & SKEY_RESERVED:
+            problems.append(
+                (
+                    where,
+                    f"key {key:#04x} sets the reserved bit {SKEY_RESERVED:#04x} "
+                    f"(a key byte is ACC<<4 | F 0x08 | R 0x04 | C 0x02)",
+                )
+            )
+    return problems
+
+
+def ram_file_problem(path: str, memory_size: int) -> str | None:
+    """Why an existing RAM file at ``path`` cannot back ``memory_size`` bytes (None: it can).
+
+    A missing file is fine: the emulated backend creates it.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        return f"RAM file {path!r} cannot be inspected: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"RAM file {path!r} is not a regular file"
+    if info.st_size < memory_size:
+        return (
+            f"RAM file {path!r} has {info.st_size:#x} bytes, fewer than "
+            f"memory_size {memory_size:#x}"
+        )
+    return None
+
+
+def _placement(memory_size: int, devices: Sequence[DeviceConfig]) -> list[Problem]:
+    problems: list[Problem] = []
+    limit = memory_size * 8
+    for device in devices:
+        where = f"device {device.name!r}"
+        bits = device.dsci_bits()
+        if bits.stop > limit:
+            problems.append(
+                (
+                    f"{where}.{device.indicator_field}",
+                    f"indicator bits end at byte {(bits.stop - 1) // 8:#x}, "
+                    f"past guest memory ({memory_size:#x} bytes)",
+                )
+            )
+        summary = device.summary_bit()
+        if summary >= limit:
+            problems.append(
+                (
+                    f"{where}.{device.summary_field}",
+                    f"summary byte {summary // 8:#x} is past guest memory ({memory_size:#x} bytes)",
+                )
+            )
+    return problems
+
+
+def _names(devices: Sequence[DeviceConfig]) -> list[Problem]:
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    for device in devices:
+        if device.name in seen:
+            problems.append((f"device {device.name!r}.name", "duplicate device name"))
+        seen.add(device.name)
+    return problems
+
+
+def _overlaps(devices: Sequence[DeviceConfig]) -> list[Problem]:
+    problems: list[Problem] = []
+    owner: dict[int, DeviceConfig] = {}  # absolute dsci bit -> device
+    summary_bytes = {device.summary_bit() // 8 for device in devices}
+    for device in devices:
+        bits = device.dsci_bits()
+        for bit in bits:
+            first = owner.setdefault(bit, device)
+            if first is not device:
+                problems.append(
+                    (
+                        f"device {device.name!r}.{device.indicator_field}",
+                        f"indicator bit {bit - bits.start} (byte {bit // 8:#x}, "
+                        f"mask {0x80 >> (bit % 8):#04x}) overlaps device {first.name!r}",
+                    )
+                )
+                break
+    for bit, device in sorted(owner.items(), key=lambda item: item[0]):
+        if bit // 8 in summary_bytes:
+            problems.append(
+                (
+                    f"device {device.name!r}.{device.indicator_field}",
+                    f"indicator bit at byte {bit // 8:#x} mask {0x80 >> (bit % 8):#04x} "
+                    f"overlaps a summary indicator byte",
+                )
+            )
+            break
+    return problems
+
+
+def _summary_iscs(devices: Sequence[DeviceConfig]) -> list[Problem]:
+    problems: list[Problem] = []
+    first: dict[int, DeviceConfig] = {}  # absolute summary bit -> first device
+    for device in devices:
+        other = first.setdefault(device.summary_bit(), device)
+        if other.isc != device.isc:
+            problems.append(
+                (
+                    f"device {device.name!r}.isc",
+                    f"shares its summary bit with {other.name!r} "
+                    f"(isc {other.isc}) but has isc {device.isc}",
+                )
+            )
+    return problems
+
+
+def _adapter_identities(devices: Sequence[DeviceConfig]) -> list[Problem]:
+    """One adapter id, one isc, one kind, one suppressible flag; name both devices."""
+    problems: list[Problem] = []
+    first: dict[int, DeviceConfig] = {}  # adapter id -> first device on it
+    for device in devices:
+        adapter_id, kind, suppressible = device.adapter_identity()
+        other = first.setdefault(adapter_id, device)
+        if other is device:
+            continue
+        _, other_kind, other_suppressible = other.adapter_identity()
+        adapter = f"adapter {adapter_id} ({_identity_of(other)} of device {other.name!r})"
+        if kind != other_kind:
+            field = "adapter_id" if device.kind == "kvm-route" else "isc"
+            problems.append(
+                (
+                    f"device {device.name!r}.{field}",
+                    f"this {kind} device ({_identity_of(device)}) is on {adapter}: "
+                    f"one adapter id has one kind",
+                )
+            )
+        elif other.isc != device.isc:
+            problems.append(
+                (
+                    f"device {device.name!r}.isc",
+                    f"isc {device.isc}, but {adapter} has isc {other.isc}: "
+                    f"one adapter id has one isc",
+                )
+            )
+        elif suppressible != other_suppressible:
+            problems.append(
+                (
+                    f"device {device.name!r}.suppressible",
+                    f"{str(suppressible).lower()}, but {adapter} is "
+                    f"{'' if other_suppressible else 'not '}suppressible: one adapter has one "
+                    f"suppressible flag (put them on different ISCs)",
+                )
+            )
+    return problems
+
+
+def _identity_of(device: DeviceConfig) -> str:
+    """How the device's adapter id comes about, in the config's words."""
+    adapter_id, kind, _ = device.adapter_identity()
+    if kind == "kvm-route":
+        return f"kvm-route adapter_id {adapter_id}, isc {device.isc}"
+    return f"{kind} type {adapter_id >> 3} << 3 | isc {device.isc} = {adapter_id}"
+
+
+def _run_as(run_as: RunAsConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    try:
+        pwd.getpwnam(run_as.user)
+    except KeyError:
+        problems.append(("run_as.user", f"no user named {run_as.user!r} on this host"))
+    if run_as.group is not None:
+        try:
+            grp.getgrnam(run_as.group)
+        except KeyError:
+            problems.append(("run_as.group", f"no group named {run_as.group!r} on this host"))
+    return problems
