@@ -6,6 +6,11 @@ indicators config schema             the config's JSON Schema
 indicators status --socket PATH      adapters and statistics as a table
 indicators notify --socket PATH DEVICE VECTOR...
 indicators demo                      the embedded default, with live progress
+
+Exit codes: 0 success; 1 a runtime failure (the config is fine, but the
+host, a resource or the daemon refused: one line on stderr names the path,
+address or device); 2 a bad config or command line (every problem listed,
+each naming the section or device and the field); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import logging
 import sys
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import ConnectError, QMPClient, QMPError
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import IndicatorsError, ResourceError
 
 __all__ = ["main"]
 
@@ -82,7 +88,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 async def _client(socket_path: str) -> QMPClient:
     client = QMPClient("indicators-cli")
-    await client.connect(socket_path)
+    try:
+        await client.connect(socket_path)
+    except ConnectError as exc:
+        cause = exc.exc if isinstance(exc.exc, OSError) else OSError(str(exc.exc))
+        raise ResourceError.from_os_error(
+            "daemon socket", socket_path, cause, action="reach"
+        ) from None
     return client
 
 
@@ -172,21 +184,38 @@ def _parser() -> argparse.ArgumentParser:
     notify.add_argument("vectors", nargs="+", type=int)
     notify.set_defaults(func=_cmd_notify)
     demo = sub.add_parser("demo", help="the emulated default with a simulated guest")
-    demo.add_argument("--seconds", type=float, default=5.0)
-    demo.add_argument("--batch", type=int, default=16, help="vectors per notify command")
+    demo.add_argument("--seconds", type=_positive(float), default=5.0)
+    demo.add_argument("--batch", type=_positive(int), default=16, help="vectors per notify command")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` above zero (argparse names the option)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``indicators`` console script."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``indicators`` console script (exit codes: module docstring)."""
+    args = _parser().parse_args(argv)  # usage errors: argparse's message, exit 2
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"indicators: config error: {exc}", file=sys.stderr)
-        return 2
+    except IndicatorsError as exc:
+        print(f"indicators: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
     except (QMPError, OSError) as exc:
+        # A daemon's error reply (ExecuteError names device and vector) or an
+        # OS failure outside the resources the service names itself.
         print(f"indicators: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

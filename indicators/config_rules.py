@@ -62,6 +62,7 @@ def field_errors(exc: ValidationError, raw: Any, root: type[BaseModel]) -> list[
         loc = tuple(error["loc"])
         what = error["msg"]
         if error["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            what += f" (given {_shown(error.get('input'))})"
             what += _did_you_mean(loc[-1], _fields_at(root, loc[:-1]))
         elif error["type"] == "union_tag_invalid":
             tags = _tags_at(root, loc)
@@ -100,6 +101,7 @@ def _where(loc: tuple[int | str, ...], raw: Any, root: type[BaseModel]) -> str:
             models = tagged  # the discriminator's step: the user wrote it as `kind`
             continue
         if isinstance(step, int) and index == 1 and loc[0] == "devices":
+            parts.pop()  # "devices" + index read better as the device's name
             name = node[step].get("name") if _indexable(node, step) else None
             parts.append(
                 f"device {name!r}" if isinstance(name, str) and name else f"devices[{step}]"
@@ -359,30 +361,29 @@ def _adapter_identities(devices: Sequence[DeviceConfig]) -> list[Problem]:
         if other is device:
             continue
         _, other_kind, other_suppressible = other.adapter_identity()
-        adapter = f"adapter {adapter_id} ({_identity_of(other)} of device {other.name!r})"
+        where = f"device {device.name!r}"
+        shared = f"adapter {adapter_id} of device {other.name!r} ({_identity_of(other)})"
         if kind != other_kind:
             field = "adapter_id" if device.kind == "kvm-route" else "isc"
             problems.append(
                 (
-                    f"device {device.name!r}.{field}",
-                    f"this {kind} device ({_identity_of(device)}) is on {adapter}: "
-                    f"one adapter id has one kind",
+                    f"{where}.{field}",
+                    f"{_identity_of(device)} is also {shared}: one adapter id has one kind",
                 )
             )
         elif other.isc != device.isc:
             problems.append(
                 (
-                    f"device {device.name!r}.isc",
-                    f"isc {device.isc}, but {adapter} has isc {other.isc}: "
-                    f"one adapter id has one isc",
+                    f"{where}.isc",
+                    f"{_identity_of(device)} is also {shared}: one adapter id has one isc",
                 )
             )
         elif suppressible != other_suppressible:
             problems.append(
                 (
-                    f"device {device.name!r}.suppressible",
-                    f"{str(suppressible).lower()}, but {adapter} is "
-                    f"{'' if other_suppressible else 'not '}suppressible: one adapter has one "
+                    f"{where}.suppressible",
+                    f"suppressible = {str(suppressible).lower()}, but {shared} has "
+                    f"suppressible = {str(other_suppressible).lower()}: one adapter has one "
                     f"suppressible flag (put them on different ISCs)",
                 )
             )
@@ -394,7 +395,7 @@ def _identity_of(device: DeviceConfig) -> str:
     adapter_id, kind, _ = device.adapter_identity()
     if kind == "kvm-route":
         return f"kvm-route adapter_id {adapter_id}, isc {device.isc}"
-    return f"{kind} type {adapter_id >> 3} << 3 | isc {device.isc} = {adapter_id}"
+    return f"{kind} adapter {adapter_id >> 3} << 3 | isc {device.isc} = {adapter_id}"
 
 
 def _run_as(run_as: RunAsConfig) -> list[Problem]:

@@ -58,21 +58,31 @@ class ResourceError(IndicatorsError, OSError):
 
     ``what`` says which resource (``"RAM file"``, ``"control socket"``,
     ``"metrics endpoint"``, ``"daemon socket"``), ``where`` its path or
-    address as the config or the command line gave it, ``errno`` the OS
-    error number when there was one and ``reason`` why, in words.
+    address as the config or the command line gave it, ``action`` what was
+    tried (``"map"``, ``"create"``, ``"bind"``, ``"reach"``), ``errno`` the
+    OS error number when there was one and ``reason`` why, in words.
     """
 
-    def __init__(self, what: str, where: str, reason: str, *, errno: int | None = None) -> None:
-        super().__init__(f"{what} {where}: {reason}")
+    def __init__(
+        self,
+        what: str,
+        where: str,
+        reason: str,
+        *,
+        action: str = "open",
+        errno: int | None = None,
+    ) -> None:
+        super().__init__(f"cannot {action} the {what} {where}: {reason}")
         self.what = what
         self.where = where
         self.reason = reason
+        self.action = action
         self.errno = errno
 
     @classmethod
-    def from_os_error(cls, what: str, where: str, exc: OSError) -> ResourceError:
+    def from_os_error(
+        cls, what: str, where: str, exc: OSError, *, action: str = "open"
+    ) -> ResourceError:
         """Wrap ``exc`` (its strerror, not its repr) for the resource at ``where``."""
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        if exc.errno is not None and not exc.strerror:
-            reason = os.strerror(exc.errno)
-        return cls(what, where, reason, errno=exc.errno)
+        reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+        return cls(what, where, reason or type(exc).__name__, action=action, errno=exc.errno)

@@ -31,6 +31,7 @@ from .. import __version__
 from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
+from ..errors import ResourceError
 from ..memop import EmulatedBackend, MemopBackend
 from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
@@ -79,7 +80,22 @@ class Service:
     # ------------------------------------------------------------ lifetime
 
     async def start(self) -> None:
-        """Open the backend, start the engine, the VMM link and the control socket."""
+        """Open the backend, start the engine, the VMM link and the control socket.
+
+        All or nothing: when a step fails, what the earlier ones opened is
+        closed again (and a RAM file the backend created is removed) before
+        the error propagates.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            wiring = self.wiring
+            await self.stop(grace=0)
+            if wiring is not None:
+                wiring.discard()
+            raise
+
+    async def _start(self) -> None:
         ram_path = None
         if self.config.vmm is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
@@ -120,17 +136,21 @@ class Service:
         try:
             await self.server.start()
         except OSError as exc:
-            self.wiring.close()
-            raise OSError(
-                exc.errno, f"cannot create the control socket {self.socket_path}: {exc.strerror}"
+            raise ResourceError.from_os_error(
+                "control socket", self.socket_path, exc, action="create"
             ) from None
         if self.config.metrics is not None:
             collector = EngineCollector(
                 lambda: self.engine.stats, lambda: self.engine.model.adapters
             )
-            self._metrics, self.metrics_port = serve_metrics(
-                collector, self.config.metrics.address, self.config.metrics.port
-            )
+            address, port = self.config.metrics.address, self.config.metrics.port
+            try:
+                self._metrics, self.metrics_port = serve_metrics(collector, address, port)
+            except OSError as exc:
+                where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+                raise ResourceError.from_os_error(
+                    "metrics endpoint", where, exc, action="bind"
+                ) from None
             log.info(
                 "metrics on http://%s:%d/metrics", self.config.metrics.address, self.metrics_port
             )

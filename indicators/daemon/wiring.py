@@ -90,7 +90,7 @@ def _open_emulated(config: EmulatedBackendConfig, ram_path: str | None) -> Wirin
     if config.ram == "auto" and path is not None:
         problem = config_rules.ram_file_problem(path, config.memory_size)
         if problem is not None:
-            raise ResourceError("RAM file", path, problem)
+            raise ResourceError("RAM file", path, problem, action="map")
     faults = None
     if config.faults is not None:
         faults = FaultInjector(
@@ -106,7 +106,9 @@ def _open_emulated(config: EmulatedBackendConfig, ram_path: str | None) -> Wirin
         if created is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(created)
-        raise ResourceError.from_os_error("RAM file", path or "(anonymous)", exc) from None
+        raise ResourceError.from_os_error(
+            "RAM file", path or "(anonymous)", exc, action="map"
+        ) from None
     for page, key in config.storage_keys.items():
         backend.set_storage_key(int(page, 0), key)  # checked above
     return Wiring(backend, QueueSink(), [], created)
