@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 from daemon_helpers import (
+    MEMORY,
     TIMEOUT,
     Daemon,
     daemon_config,
@@ -159,11 +162,16 @@ def test_notify_failures_exit_1_with_the_reason(
     assert named in result.stderr
 
 
-def test_status_without_a_daemon_exits_1(tmp_path: Path) -> None:
-    result = indicators("status", "--socket", str(tmp_path / "nobody.sock"))
+@pytest.mark.parametrize("command", [["status"], ["notify"]], ids=["status", "notify"])
+def test_a_missing_daemon_socket_is_named(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "nobody.sock"
+    extra = ["net0", "1"] if command == ["notify"] else []
+    result = indicators(*command, "--socket", str(path), *extra)
     assert result.returncode == 1
-    assert result.stderr.startswith("indicators: ConnectError:")
-    assert "No such file or directory" in result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"indicators: cannot reach the daemon socket {path}: No such file or directory\n"
+    )
 
 
 def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
@@ -182,3 +190,88 @@ def test_demo_runs_and_reports_success() -> None:
     last = result.stdout.rstrip().splitlines()[-1]
     assert last.startswith("every acknowledged notification reached the guest: yes (")
     assert "acknowledged" in result.stdout and "interrupts-injected" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--batch", "0"], "argument --batch: must be above 0, got 0"),
+        (["--seconds", "-1"], "argument --seconds: must be above 0, got -1"),
+        (["--batch", "many"], "argument --batch: 'many' is not a int"),
+    ],
+)
+def test_demo_refuses_nonsense_arguments(args: list[str], named: str) -> None:
+    result = indicators("demo", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------- run: failures at start
+
+
+def _run_refused(tmp_path: Path, raw: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """``indicators run`` on ``raw``, expected to fail at start; nothing may be left behind."""
+    config = write_config(tmp_path / "run.toml", raw)
+    before = sorted(path.name for path in tmp_path.iterdir())
+    result = indicators("run", "--config", str(config), timeout=TIMEOUT * 3)
+    assert "Traceback" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == before, "a failed start left files"
+    return result
+
+
+def test_a_metrics_address_that_cannot_be_bound_is_named(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface of this host: EADDRNOTAVAIL.  The
+    # RAM file does not exist yet: the backend creates it, the failed start removes it.
+    raw = daemon_config(
+        tmp_path / "control.sock", ram=tmp_path / "guest.ram", metrics={"address": "192.0.2.1"}
+    )
+    result = _run_refused(tmp_path, raw)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "indicators: cannot bind the metrics endpoint 192.0.2.1:9464: "
+        "Cannot assign requested address"
+    )
+
+
+def test_a_control_socket_that_cannot_be_created_is_named(tmp_path: Path) -> None:
+    socket_path = tmp_path / "missing-dir" / "control.sock"
+    result = _run_refused(tmp_path, daemon_config(socket_path, ram=tmp_path / "guest.ram"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"indicators: cannot create the control socket {socket_path}: No such file or directory"
+    )
+
+
+def test_a_ram_file_that_cannot_be_created_is_named(tmp_path: Path) -> None:
+    ram = tmp_path / "missing-dir" / "guest.ram"
+    result = _run_refused(tmp_path, daemon_config(tmp_path / "control.sock", ram=ram))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"indicators: cannot map the RAM file {ram}: No such file or directory"
+    )
+
+
+def test_an_existing_ram_file_survives_a_failed_start(tmp_path: Path) -> None:
+    ram = tmp_path / "guest.ram"
+    ram.write_bytes(b"\x5a" * MEMORY)
+    raw = daemon_config(tmp_path / "control.sock", ram=ram, metrics={"address": "192.0.2.1"})
+    result = _run_refused(tmp_path, raw)  # asserts the file is still there
+    assert result.returncode == 1
+    assert ram.read_bytes() == b"\x5a" * MEMORY
+
+
+@pytest.mark.skipif(
+    platform.machine() == "s390x" and os.path.exists("/dev/kvm"),
+    reason="this host has s390x KVM: the refusal under test cannot happen here",
+)
+def test_a_kvm_backend_without_s390x_kvm_is_refused_before_any_fd(tmp_path: Path) -> None:
+    backend = {"kind": "kvm", "memory_size": "4G", "vm_fd": "pid:1", "flic_fd": "pid:1"}
+    raw = {**daemon_config(tmp_path / "control.sock"), "backend": backend}
+    result = _run_refused(tmp_path, raw)
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("indicators: the KVM backend needs ")
+    assert "use the emulated backend" in last or "/dev/kvm" in last
+    assert "pid:1" not in last  # the host is refused before the VM fd is looked for
