@@ -193,3 +193,167 @@ def test_schema_is_json() -> None:
     schema = Config.model_json_schema()
     text = json.dumps(schema)
     assert "virtio-ccw" in text and "zpci" in text and "kvm-route" in text
+
+
+# ------------------------------------------------------- adapter identity
+
+
+def problems_of(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    return info.value.errors
+
+
+ROUTE_ON_10 = {
+    "name": "route10",
+    "kind": "kvm-route",
+    "ind_addr": 0x8000,
+    "summary_addr": 0x9000,
+    "adapter_id": 10,  # the zPCI adapter of isc 2 is 1 << 3 | 2 = 10
+    "isc": 6,
+}
+
+
+def test_a_route_on_a_zpci_adapter_id_is_refused_naming_both_devices() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["devices"].append(ROUTE_ON_10)
+    [(where, what)] = problems_of(raw)
+    assert where == "device 'route10'.adapter_id"
+    assert "adapter 10 of device 'pci0'" in what
+    assert "zpci adapter 1 << 3 | isc 2 = 10" in what and "isc 6" in what
+
+
+def test_a_route_on_a_zpci_adapter_id_is_refused_even_with_the_same_isc() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["devices"].append({**ROUTE_ON_10, "isc": 2})
+    [(where, what)] = problems_of(raw)
+    assert where == "device 'route10'.adapter_id" and "one kind" in what
+
+
+def test_routes_on_one_adapter_id_agree_on_the_isc() -> None:
+    raw = copy.deepcopy(BASE)
+    second = {**raw["devices"][2], "name": "route1", "ind_addr": 0x8000, "summary_addr": 0x9000}
+    raw["devices"].append(second)
+    assert len(build_model(parse_config(copy.deepcopy(raw))).adapters[17].devices) == 2
+    raw["devices"][3]["isc"] = 4
+    [(where, what)] = problems_of(raw)
+    assert where == "device 'route1'.isc"
+    assert "adapter 17 of device 'route0' (kvm-route adapter_id 17, isc 5)" in what
+
+
+def test_suppressible_and_plain_zpci_functions_need_different_iscs() -> None:
+    raw = copy.deepcopy(BASE)
+    plain = {**raw["devices"][1], "name": "pci1", "aibv": 0x8000, "aisb": 0x9000}
+    raw["devices"].append({**plain, "suppressible": False})
+    [(where, what)] = problems_of(raw)
+    assert where == "device 'pci1'.suppressible"
+    assert "adapter 10 of device 'pci0'" in what and "suppressible = true" in what
+    raw["devices"][3]["isc"] = 4  # its own adapter 12
+    adapters = build_model(parse_config(raw)).adapters
+    assert adapters[10].suppressible and not adapters[12].suppressible
+
+
+def test_virtio_and_zpci_adapters_never_collide() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["devices"][1]["isc"] = 3  # virtio isc 3 is adapter 3, zPCI isc 3 is adapter 11
+    assert sorted(build_model(parse_config(raw)).adapters) == [3, 11, 17]
+
+
+# ---------------------------------------------- backend rules, in one pass
+
+
+@pytest.mark.parametrize(
+    ("keys", "where", "what"),
+    [
+        ({"0x10000": 0x31}, "storage_keys.0x10000", "key 0x31 sets the reserved bit 0x01"),
+        ({"0x10000": 0x100}, "storage_keys.0x10000", "key 0x100 is not a key byte"),
+        ({"0x10000": -1}, "storage_keys.0x10000", "key -0x1 is not a key byte"),
+        ({"page": 0x30}, "storage_keys.page", "page 'page' is not a number"),
+        ({"0x100000": 0x30}, "storage_keys.0x100000", "page 0x100000 is outside guest memory"),
+        (
+            {"0x10800": 0x30},
+            "storage_keys.0x10800",
+            "not 4 KiB aligned (its page starts at 0x10000",
+        ),
+        ({"0x10000": "x"}, "storage_keys.0x10000", "valid integer, unable to parse string"),
+    ],
+)
+def test_storage_keys(keys: dict[str, Any], where: str, what: str) -> None:
+    text = errors_of(with_change("backend.storage_keys", keys))
+    assert f"backend.{where}: " in text and what in text
+
+
+def test_good_storage_keys_pass() -> None:
+    raw = with_change("backend.storage_keys", {"0x10000": 0x30, "4096": 0xFE, "0": 0})
+    assert parse_config(raw).backend.storage_keys["0x10000"] == 0x30
+
+
+def test_ram_auto_needs_the_vmm_link() -> None:
+    raw = with_change("backend.ram", "auto")
+    assert (
+        "backend.ram",
+        "'auto' asks the [vmm] link for the RAM file, but there is no [vmm]",
+    ) in (problems_of(raw))
+    raw["vmm"] = {"qmp_socket": "/run/qemu/guest.qmp"}
+    assert parse_config(raw).backend.ram == "auto"
+
+
+def test_an_existing_ram_file_must_hold_memory_size(tmp_path: Any) -> None:
+    ram = tmp_path / "guest.ram"
+    raw = with_change("backend.ram", str(ram))
+    assert parse_config(copy.deepcopy(raw))  # missing: the backend creates it
+    ram.write_bytes(bytes(1 << 20))
+    assert parse_config(copy.deepcopy(raw))  # exactly memory_size
+    ram.write_bytes(bytes(4096))
+    [(where, what)] = problems_of(copy.deepcopy(raw))
+    assert where == "backend.ram"
+    assert what == f"RAM file {str(ram)!r} has 0x1000 bytes, fewer than memory_size 0x100000"
+    raw["backend"]["ram"] = str(tmp_path)
+    assert problems_of(raw) == [
+        ("backend.ram", f"RAM file {str(tmp_path)!r} is not a regular file")
+    ]
+
+
+def test_run_as_names_an_existing_user_and_group() -> None:
+    raw = {**copy.deepcopy(BASE), "run_as": {"user": "root", "group": "root"}}
+    assert parse_config(copy.deepcopy(raw)).run_as is not None
+    raw["run_as"] = {"user": "no-such-user-here", "group": "no-such-group-here"}
+    assert [where for where, _ in problems_of(raw)] == ["run_as.user", "run_as.group"]
+
+
+def test_field_errors_and_rules_come_in_one_pass() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["backend"]["storage_keys"] = {"0x10001": 0x30}
+    raw["devices"][0]["isc"] = 9  # a field error on net0 ...
+    raw["devices"][2]["ind_addr"] = 0x3000  # ... and route0 overlapping pci0
+    raw["devices"][1]["colour"] = "red"  # pci0 invalid too: route0 then overlaps nobody
+    raw["devices"].append({**ROUTE_ON_10, "isc": 2, "ind_addr": 0x3000, "ind_offset": 4})
+    wheres = [where for where, _ in problems_of(raw)]
+    assert wheres == [
+        "device 'net0'.isc",
+        "device 'pci0'.colour",
+        "backend.storage_keys.0x10001",
+        "device 'route10'.ind_addr",  # overlaps route0, both valid on their own
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where", "hint"),
+    [
+        ("devices.0.vectros", 3, "device 'net0'.vectros", "did you mean 'vectors'?"),
+        ("backend.memory_sise", "1M", "backend.memory_sise", "did you mean 'memory_size'?"),
+        ("contol", {}, "contol", "did you mean 'control'?"),
+        ("devices.1.kind", "zcpi", "device 'pci0'", "did you mean 'zpci'?"),
+        ("backend.kind", "kvmm", "backend", "did you mean 'kvm'?"),
+    ],
+)
+def test_a_near_miss_gets_a_did_you_mean(path: str, value: Any, where: str, hint: str) -> None:
+    problems = dict(problems_of(with_change(path, value)))
+    assert where in problems and problems[where].endswith(hint), problems
+
+
+def test_field_errors_show_the_value_given() -> None:
+    problems = dict(problems_of(with_change("devices.2.ind_addr", -0x10000)))
+    assert problems["device 'route0'.ind_addr"].endswith("(given -0x10000)")
+    problems = dict(problems_of(with_change("devices.0.summary_test", "word")))
+    assert problems["device 'net0'.summary_test"].endswith("(given 'word')")
