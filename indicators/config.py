@@ -403,12 +403,10 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
     else:
         errors = []
     if config is not None:
-        parts = _Parts(config.backend, config.devices, config.vmm is not None, config.run_as)
+        parts = _Parts(config.backend, config.devices, config.vmm is not None)
     else:
         parts = _valid_parts(raw)
-    errors += config_rules.check(
-        parts.backend, parts.devices, has_vmm=parts.has_vmm, run_as=parts.run_as
-    )
+    errors += config_rules.check(parts.backend, parts.devices, has_vmm=parts.has_vmm)
     if errors:
         raise ConfigError(source, errors)
     assert config is not None  # no errors: the whole model validated
@@ -421,24 +419,21 @@ class _Parts(NamedTuple):
     backend: EmulatedBackendConfig | KvmBackendConfig | None
     devices: list[DeviceConfig]
     has_vmm: bool
-    run_as: RunAsConfig | None
 
 
 _BACKEND: TypeAdapter[EmulatedBackendConfig | KvmBackendConfig] = TypeAdapter(BackendConfig)
 _DEVICE: TypeAdapter[VirtioCcwDevice | ZpciDevice | KvmRouteDevice] = TypeAdapter(DeviceConfig)
-_RUN_AS: TypeAdapter[RunAsConfig] = TypeAdapter(RunAsConfig)
 _T = TypeVar("_T")
 
 
 def _valid_parts(raw: Any) -> _Parts:
     """The sections and devices of ``raw`` that are valid each on its own."""
     if not isinstance(raw, dict):
-        return _Parts(None, [], False, None)
+        return _Parts(None, [], False)
     backend = _valid(_BACKEND, raw.get("backend"))
     listed = raw.get("devices")
     devices = [_valid(_DEVICE, item) for item in (listed if isinstance(listed, list) else [])]
-    run_as = _valid(_RUN_AS, raw.get("run_as"))
-    return _Parts(backend, [d for d in devices if d is not None], "vmm" in raw, run_as)
+    return _Parts(backend, [d for d in devices if d is not None], "vmm" in raw)
 
 
 def _valid(adapter: TypeAdapter[_T], value: Any) -> _T | None:

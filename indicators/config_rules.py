@@ -19,8 +19,10 @@ The rules (each error names the device or section, the field and the value):
 - ``storage_keys``: each page a number, 4 KiB aligned, inside guest memory,
   each key byte 0..0xff without the reserved bit 0x01;
 - ``ram = "auto"`` needs the ``[vmm]`` link that finds the file; an
-  existing RAM file is at least ``memory_size`` bytes;
-- the ``run_as`` user and group exist on this host.
+  existing RAM file is at least ``memory_size`` bytes.
+
+What depends on the host beyond the RAM file (KVM, fd sources, users,
+sockets, addresses) is left to ``run``, which reports it with exit code 1.
 
 Nothing here imports the models at run time (they are passed in), so the
 models module can import this one.
@@ -29,9 +31,7 @@ models module can import this one.
 from __future__ import annotations
 
 import difflib
-import grp
 import os
-import pwd
 import re
 import stat
 import typing
@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from .abi import PAGE_SHIFT, SKEY_RESERVED
 
 if TYPE_CHECKING:
-    from .config import DeviceConfig, EmulatedBackendConfig, KvmBackendConfig, RunAsConfig
+    from .config import DeviceConfig, EmulatedBackendConfig, KvmBackendConfig
 
 __all__ = ["check", "field_errors", "ram_file_problem", "storage_key_problems"]
 
@@ -180,7 +180,6 @@ def check(
     devices: Sequence[DeviceConfig],
     *,
     has_vmm: bool,
-    run_as: RunAsConfig | None = None,
 ) -> list[Problem]:
     """Every rule on the parts given (``backend`` None: it had field errors)."""
     problems: list[Problem] = []
@@ -191,8 +190,6 @@ def check(
     problems += _overlaps(devices)
     problems += _summary_iscs(devices)
     problems += _adapter_identities(devices)
-    if run_as is not None:
-        problems += _run_as(run_as)
     return problems
 
 
@@ -396,17 +393,3 @@ def _identity_of(device: DeviceConfig) -> str:
     if kind == "kvm-route":
         return f"kvm-route adapter_id {adapter_id}, isc {device.isc}"
     return f"{kind} adapter {adapter_id >> 3} << 3 | isc {device.isc} = {adapter_id}"
-
-
-def _run_as(run_as: RunAsConfig) -> list[Problem]:
-    problems: list[Problem] = []
-    try:
-        pwd.getpwnam(run_as.user)
-    except KeyError:
-        problems.append(("run_as.user", f"no user named {run_as.user!r} on this host"))
-    if run_as.group is not None:
-        try:
-            grp.getgrnam(run_as.group)
-        except KeyError:
-            problems.append(("run_as.group", f"no group named {run_as.group!r} on this host"))
-    return problems

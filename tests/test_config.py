@@ -314,13 +314,6 @@ def test_an_existing_ram_file_must_hold_memory_size(tmp_path: Any) -> None:
     ]
 
 
-def test_run_as_names_an_existing_user_and_group() -> None:
-    raw = {**copy.deepcopy(BASE), "run_as": {"user": "root", "group": "root"}}
-    assert parse_config(copy.deepcopy(raw)).run_as is not None
-    raw["run_as"] = {"user": "no-such-user-here", "group": "no-such-group-here"}
-    assert [where for where, _ in problems_of(raw)] == ["run_as.user", "run_as.group"]
-
-
 def test_field_errors_and_rules_come_in_one_pass() -> None:
     raw = copy.deepcopy(BASE)
     raw["backend"]["storage_keys"] = {"0x10001": 0x30}
