@@ -28,6 +28,12 @@ storage key
 
 import logging
 
+from .errors import ConfigError, IndicatorsError, ResourceError
+
+# The error root and its two most used branches; every other error the package
+# raises on purpose derives from IndicatorsError too (see indicators.errors).
+__all__ = ["ConfigError", "IndicatorsError", "ResourceError", "__version__"]
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from . import config_rules
-from .errors import IndicatorsError
+from .errors import ConfigError
 
 __all__ = [
     "ADAPTER_TYPES",
@@ -366,26 +366,6 @@ class Config(_Model):
     vmm: VmmConfig | None = None
     metrics: MetricsConfig | None = None
     run_as: RunAsConfig | None = None
-
-
-class ConfigError(IndicatorsError, ValueError):
-    """A config that cannot be used; ``errors`` lists ``(where, what)`` pairs.
-
-    ``where`` names the section or device and the field (``device 'net0'.isc``,
-    ``backend.storage_keys.'0x10000'``), ``what`` the rule and the value given.
-    """
-
-    exit_code = 2
-
-    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
-        self.source = source
-        self.errors = errors
-        lines = "\n".join(f"  {where}: {what}" for where, what in errors)
-        super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
-
-    def one_line(self) -> str:
-        # One line per problem: a config may have several, all reported at once.
-        return f"config error: {self}"
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:

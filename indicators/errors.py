@@ -9,7 +9,8 @@ something at run time failed).  Anything else that escapes is a bug.
 The tree (module that defines each class, and the fields it carries)::
 
     IndicatorsError                     exit_code
-     +-- ConfigError (2)                config: source, errors [(where, what)]
+     +-- ConfigError (2)                errors (re-exported by config): source,
+     |                                  errors [(where, what)]
      +-- ResourceError (1)              errors: what, where, errno, reason
      |                                  (RAM file, control socket, metrics
      |                                  address, a daemon's socket; also an
@@ -39,7 +40,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-__all__ = ["IndicatorsError", "ResourceError"]
+__all__ = ["ConfigError", "IndicatorsError", "ResourceError"]
 
 
 class IndicatorsError(Exception):
@@ -86,3 +87,23 @@ class ResourceError(IndicatorsError, OSError):
         """Wrap ``exc`` (its strerror, not its repr) for the resource at ``where``."""
         reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
         return cls(what, where, reason or type(exc).__name__, action=action, errno=exc.errno)
+
+
+class ConfigError(IndicatorsError, ValueError):
+    """A config that cannot be used; ``errors`` lists ``(where, what)`` pairs.
+
+    ``where`` names the section or device and the field (``device 'net0'.isc``,
+    ``backend.storage_keys.0x10000``), ``what`` the rule and the value given.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {where}: {what}" for where, what in errors)
+        super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
+
+    def one_line(self) -> str:
+        # One line per problem: a config may have several, all reported at once.
+        return f"config error: {self}"
