@@ -90,9 +90,11 @@ class Service:
             await self._start()
         except BaseException:
             wiring = self.wiring
-            await self.stop(grace=0)
-            if wiring is not None:
-                wiring.discard()
+            try:
+                await self.stop(grace=0)
+            finally:
+                if wiring is not None:
+                    wiring.discard()
             raise
 
     async def _start(self) -> None:

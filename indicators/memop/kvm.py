@@ -40,14 +40,7 @@ from .base import (
     check_value,
 )
 
-__all__ = [
-    "Abi",
-    "IoctlFn",
-    "KvmBackend",
-    "KvmUnavailableError",
-    "require_s390x_kvm",
-    "system_ioctl",
-]
+__all__ = ["Abi", "IoctlFn", "KvmBackend", "KvmUnavailableError", "system_ioctl"]
 
 Abi = Literal["upstream", "v5", "auto"]
 
