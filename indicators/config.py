@@ -41,7 +41,7 @@ from pydantic import (
     field_validator,
 )
 
-from . import config_rules
+from . import config_messages, config_rules
 from .errors import ConfigError
 
 __all__ = [
@@ -379,7 +379,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
         config: Config | None = Config.model_validate(raw)
     except ValidationError as exc:
         config = None
-        errors = config_rules.field_errors(exc, raw, Config)
+        errors = config_messages.field_errors(exc, raw, Config)
     else:
         errors = []
     if config is not None:
