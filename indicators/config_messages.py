@@ -65,7 +65,7 @@ def _where(loc: tuple[int | str, ...], raw: Any, root: type[BaseModel]) -> str:
     models: list[type[BaseModel]] = [root]
     node: Any = raw
     for index, step in enumerate(loc):
-        tagged = [model for model in models if isinstance(step, str) and _tag(model) == step]
+        tagged = _tagged(models, step)
         if tagged:
             models = tagged  # the discriminator's step: the user wrote it as `kind`
             continue
@@ -118,6 +118,13 @@ def _step(models: list[type[BaseModel]], step: int | str) -> list[type[BaseModel
     return found
 
 
+def _tagged(models: list[type[BaseModel]], step: int | str) -> list[type[BaseModel]]:
+    """The union member ``step`` names, when ``step`` is a discriminator's tag."""
+    if len(models) < 2 or not isinstance(step, str):
+        return []  # not a union: ``step`` is a field, even one spelled like a kind
+    return [model for model in models if _tag(model) == step]
+
+
 def _tag(model: type[BaseModel]) -> str | None:
     field = model.model_fields.get("kind")
     if field is None or typing.get_origin(field.annotation) is not typing.Literal:
@@ -128,7 +135,7 @@ def _tag(model: type[BaseModel]) -> str | None:
 def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> list[type[BaseModel]]:
     models = [root]
     for step in loc:
-        tagged = [model for model in models if isinstance(step, str) and _tag(model) == step]
+        tagged = _tagged(models, step)
         models = tagged or _step(models, step)
     return models
 

@@ -350,3 +350,8 @@ def test_field_errors_show_the_value_given() -> None:
     assert problems["device 'route0'.ind_addr"].endswith("(given -0x10000)")
     problems = dict(problems_of(with_change("devices.0.summary_test", "word")))
     assert problems["device 'net0'.summary_test"].endswith("(given 'word')")
+
+
+def test_a_field_spelled_like_a_kind_keeps_its_place_in_the_location() -> None:
+    problems = dict(problems_of(with_change("devices.1.zpci", 1)))
+    assert "device 'pci0'.zpci" in problems
