@@ -68,9 +68,8 @@ def test_check_and_run_refuse_alike(path: Path, tmp_path: Path) -> None:
     before = sorted(p.name for p in tmp_path.iterdir())
 
     checked = indicators(tmp_path, "config", "check", config.name)
-    ran = indicators(tmp_path, "run", "--config", config.name)
-
     assert checked.returncode == 2, checked.stdout + checked.stderr
+    ran = indicators(tmp_path, "run", "--config", config.name)
     assert ran.returncode == 2, ran.stderr
     assert checked.stdout == ran.stdout == ""
     assert ran.stderr == checked.stderr
