@@ -51,7 +51,9 @@ def open_backend(
                 protected=[(start, start + size) for start, size in config.faults.protected],
                 seed=config.faults.seed,
             )
-        backend = EmulatedBackend(config.memory_size, path=path, faults=faults)
+        backend = EmulatedBackend(
+            config.memory_size, path=path, faults=faults, kernel=config.kernel
+        )
         try:
             for page, key in config.storage_keys.items():
                 backend.set_storage_key(int(page, 0), key)

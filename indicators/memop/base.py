@@ -157,6 +157,15 @@ class MemopBackend(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot check an access")
 
+    @property
+    def generation(self) -> str | None:
+        """The kernel generation whose outcomes this backend has ("6.3" or "7.0").
+
+        None when it is not known (a kernel release this package cannot
+        place, or a backend that does not say).
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release what the backend holds.  Idempotent."""
 

@@ -73,6 +73,11 @@ class ConfinedBackend(MemopBackend):
             self._refuse(gaddr, len(data), key, outside, 0)
         self.inner.write(gaddr, data, key)
 
+    @property
+    def generation(self) -> str | None:
+        """The inner backend's kernel generation."""
+        return self.inner.generation
+
     def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
         """Delegate: a check changes nothing.  A store check of a size this
         guard would refuse to store is refused here too, so that "allowed"
