@@ -456,6 +456,9 @@ def test_eintr_retry_compares_against_the_callers_old_value(
     backend._ioctl = scribbling
     result = backend.cmpxchg(0x100, 8, 4, 6)
     assert result.exchanged is False and result.old == 5, "expected the compare of 4 to fail"
+    assert emulated_backend.memory.read(0x100, 8) == (5).to_bytes(8, "big"), (
+        "expected memory unchanged: the retry must compare against 4, not the 5 left behind"
+    )
 
 
 @pytest.mark.parametrize("code", [errno.ENOMEM, errno.EFAULT, errno.EIO, errno.EOPNOTSUPP])
