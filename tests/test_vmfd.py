@@ -120,3 +120,79 @@ def test_wrong_kinds_of_fd_are_refused(tmp_path: Path) -> None:
         from_unix_socket(str(tmp_path / "missing"))
     with pytest.raises(VmFdError, match="is not fd:N, unix:PATH or pid:N"):
         acquire_fd("tcp:1")
+
+
+# -------------------------------------------------- close-on-exec, without KVM
+
+EVENTFD = "anon_inode:[eventfd]"
+
+
+def _serve_fds(path: str, fds: list[int]) -> threading.Thread:
+    """A peer on ``path`` that sends ``fds`` (inheritable, as a careless VMM would)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                socket.send_fds(conn, [b"x"], fds)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread
+
+
+def _visible_after_exec(fd: int) -> bool:
+    """Whether a program exec'd by this process (keeping every fd it may) sees ``fd``."""
+    probe = f"import os, sys; sys.exit(0 if os.path.exists('/proc/self/fd/{fd}') else 3)"
+    result = subprocess.run([sys.executable, "-c", probe], close_fds=False, timeout=30)
+    return result.returncode == 0
+
+
+def _eventfds() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if fd_kind(int(name)) == EVENTFD:
+                found.add(int(name))
+        except OSError:
+            continue  # the listing's own fd, closed meanwhile
+    return found
+
+
+def test_fd_received_over_unix_is_close_on_exec(tmp_path: Path) -> None:
+    """The peer's fds are inheritable; what arrives here must not be, and a surplus
+    fd is closed."""
+    sent = [os.eventfd(0), os.eventfd(0)]
+    for fd in sent:
+        os.set_inheritable(fd, True)
+    before = _eventfds()
+    path = str(tmp_path / "vmfd.sock")
+    thread = _serve_fds(path, sent)
+    fd = from_unix_socket(path, expect=EVENTFD)
+    thread.join(timeout=30)
+    try:
+        assert _eventfds() - before == {fd}, "expected one new fd: the surplus one closed"
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC, "expected FD_CLOEXEC set"
+        assert not os.get_inheritable(fd)
+        assert not _visible_after_exec(fd), "expected an exec'd program not to get the fd"
+    finally:
+        os.close(fd)
+        for mine in sent:
+            os.close(mine)
+
+
+def test_fd_from_inherited_is_close_on_exec() -> None:
+    inherited = os.eventfd(0)
+    os.set_inheritable(inherited, True)
+    try:
+        fd = from_inherited(inherited, expect=EVENTFD)
+        try:
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            assert not _visible_after_exec(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(inherited)
