@@ -143,24 +143,28 @@ class KvmBackend(MemopBackend):
         """The running kernel's generation from its release, None if unknown."""
         return self._generation
 
-    def _mem_op(self, ops: _Operands, refill: bytes | None = None) -> int:
+    def _mem_op(self, ops: _Operands, refill: tuple[bytes, bytes] | None = None) -> int:
         """``KVM_S390_MEM_OP`` on ``ops``, retrying ``-EINTR``; OSError otherwise.
 
-        ``refill`` (old then new, ``size`` bytes each) is written back into
-        the operand buffers before a retry, so that a retried cmpxchg
-        compares against what the caller asked for.
+        ``refill`` (the old and new operands) is written back into the
+        operand buffers before a retry, so that a retried cmpxchg compares
+        against what the caller asked for.
         """
-        for attempt in range(1, EINTR_ATTEMPTS + 1):
+        try:
+            return self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+        for attempt in range(2, EINTR_ATTEMPTS + 1):
+            self.eintr_retries += 1
+            if refill is not None:
+                ctypes.memmove(ops.old_addr, refill[0], len(refill[0]))
+                ctypes.memmove(ops.new_addr, refill[1], len(refill[1]))
             try:
                 return self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
             except OSError as exc:
                 if exc.errno != errno.EINTR or attempt == EINTR_ATTEMPTS:
                     raise
-                self.eintr_retries += 1
-                if refill is not None:
-                    half = len(refill) // 2
-                    ctypes.memmove(ops.old_addr, refill[:half], half)
-                    ctypes.memmove(ops.new_addr, refill[half:], half)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -233,9 +237,9 @@ class KvmBackend(MemopBackend):
         if sized:
             check_value("old", old, size)
             check_value("new", new, size)
-            refill = old.to_bytes(size, "big") + new.to_bytes(size, "big")
-            ctypes.memmove(ops.old_addr, refill[:size], size)
-            ctypes.memmove(ops.new_addr, refill[size:], size)
+            refill = (old.to_bytes(size, "big"), new.to_bytes(size, "big"))
+            ctypes.memmove(ops.old_addr, refill[0], size)
+            ctypes.memmove(ops.new_addr, refill[1], size)
         mop.buf = ops.new_addr
         mop.old_addr = ops.old_addr
         try:
