@@ -110,7 +110,7 @@ class Service:
             self.socket_path,
             mode=control.mode if control else 0o600,
             version=_version_tuple(),
-            package=f"indicators {__version__} (kernel {self.wiring.backend.generation})",
+            package=f"indicators {__version__} (kernel {self.wiring.backend.generation or '?'})",
             max_message=control.max_message if control else 65536,
             max_pending=control.max_pending if control else 8,
             max_rate=control.max_rate if control else None,
