@@ -134,6 +134,11 @@ class EmulatedBackendConfig(_Model):
         description="initial storage key byte per page, {'0x10000' = 0x30}",
     )
     faults: FaultConfig | None = None
+    kernel: Literal["6.3", "7.0"] = Field(
+        default="6.3",
+        description="kernel generation whose cmpxchg outcomes to reproduce: "
+        "'6.3' (Linux 6.3-6.19) or '7.0' (7.0 and later)",
+    )
 
     @field_validator("memory_size")
     @classmethod

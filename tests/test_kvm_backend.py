@@ -21,9 +21,18 @@ import test_memop_conformance as conformance
 from conftest import MemopRig, emulated_rig
 
 from indicators import abi
-from indicators.memop import EmulatedBackend, KvmBackend, KvmUnavailableError
+from indicators.memop import (
+    EmulatedBackend,
+    FaultInjector,
+    KvmBackend,
+    KvmUnavailableError,
+    MemopError,
+    ProgramException,
+    TransientError,
+)
+from indicators.memop.generations import generation_of_release
 from indicators.memop.kernel import EmulatedKvm
-from indicators.memop.kvm import IoctlFn, system_ioctl
+from indicators.memop.kvm import EINTR_ATTEMPTS, IoctlFn, system_ioctl
 
 VM_FD = 7
 
@@ -345,3 +354,211 @@ def test_real_kvm_conformance_core_cases(real_vm: RealVm) -> None:
         emulated=None,
     )
     assert run_core_cases(rig) > 300
+
+
+# ------------------------------------------------ kernel generations, errnos
+
+
+@pytest.mark.parametrize(
+    ("release", "expected"),
+    [
+        ("6.2.16-300.fc38.s390x", None),  # no cmpxchg memop yet
+        ("6.3.0", "6.3"),
+        ("6.19.2-1-default", "6.3"),
+        ("7.0.0-rc3", "7.0"),
+        ("7.4.1", "7.0"),
+        ("10.0.0", "7.0"),
+        ("not-a-release", None),
+    ],
+)
+def test_generation_from_the_release_string(
+    emulated_backend: EmulatedBackend, release: str, expected: str | None
+) -> None:
+    backend = KvmBackend(VM_FD, ioctl=EmulatedKvm(emulated_backend), release=release)
+    assert backend.generation == expected
+    assert generation_of_release(release) == expected
+
+
+@pytest.mark.parametrize("kernel", ["6.3", "7.0"])
+def test_generation_of_the_emulated_kernel(kernel: str) -> None:
+    with EmulatedBackend(1 << 16, kernel=kernel) as emulated:  # type: ignore[arg-type]
+        backend = KvmBackend(VM_FD, ioctl=EmulatedKvm(emulated))
+        assert backend.release == f"{kernel}.0-emulated"
+        assert backend.generation == kernel == emulated.generation
+
+
+def test_emulated_backend_refuses_an_unknown_generation() -> None:
+    with pytest.raises(ValueError, match=r"'6\.2' is not one of 6\.3, 7\.0"):
+        EmulatedBackend(1 << 16, kernel="6.2")  # type: ignore[arg-type]
+
+
+class Failing:
+    """An ioctl whose MEM_OP fails with the errnos in ``plan`` (then passes through)."""
+
+    def __init__(self, inner: IoctlFn, plan: list[int]) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.mem_ops = 0
+
+    def __call__(self, fd: int, request: int, arg: int) -> int:
+        if request == abi.KVM_S390_MEM_OP:
+            self.mem_ops += 1
+            if self.plan:
+                code = self.plan.pop(0)
+                raise OSError(code, os.strerror(code))
+        return self.inner(fd, request, arg)
+
+
+def _failing_backend(emulated: EmulatedBackend, plan: list[int]) -> tuple[KvmBackend, Failing]:
+    fake = Failing(EmulatedKvm(emulated), [])
+    backend = KvmBackend(VM_FD, abi_version="upstream", ioctl=fake)
+    fake.plan = plan
+    return backend, fake
+
+
+@pytest.mark.parametrize("call", ["cmpxchg", "read", "write", "check"])
+def test_eintr_is_retried_up_to_the_bound(emulated_backend: EmulatedBackend, call: str) -> None:
+    emulated_backend.memory.write(0x100, bytes(8))
+    calls = {
+        "cmpxchg": lambda b: b.cmpxchg(0x100, 8, 0, 1),
+        "read": lambda b: b.read(0x100, 8),
+        "write": lambda b: b.write(0x100, b"\x01"),
+        "check": lambda b: b.check(0x100, 8),
+    }
+    backend, fake = _failing_backend(emulated_backend, [errno.EINTR] * (EINTR_ATTEMPTS - 1))
+    calls[call](backend)  # the last allowed attempt passes
+    assert fake.mem_ops == EINTR_ATTEMPTS and backend.eintr_retries == EINTR_ATTEMPTS - 1
+
+    emulated_backend.memory.write(0x100, bytes(8))
+    backend, fake = _failing_backend(emulated_backend, [errno.EINTR] * EINTR_ATTEMPTS)
+    with pytest.raises(MemopError) as info:
+        calls[call](backend)
+    assert info.value.errno == errno.EINTR and not isinstance(info.value, TransientError)
+    assert "interrupted 4 times" in str(info.value)
+    assert fake.mem_ops == EINTR_ATTEMPTS, "expected the bound, not one call more"
+    assert emulated_backend.memory.read(0x100, 8) == bytes(8), "expected memory unchanged"
+
+
+def test_eintr_retry_compares_against_the_callers_old_value(
+    emulated_backend: EmulatedBackend,
+) -> None:
+    """A retried cmpxchg refills the old buffer, whatever the failed call left there."""
+    emulated_backend.memory.write(0x100, (5).to_bytes(8, "big"))
+    backend, fake = _failing_backend(emulated_backend, [errno.EINTR])
+    inner = fake.__call__
+
+    def scribbling(fd: int, request: int, arg: int) -> int:
+        if request == abi.KVM_S390_MEM_OP and fake.plan:
+            mop = abi.KvmS390MemOp.from_address(arg)
+            ctypes.memmove(mop.old_addr, (5).to_bytes(8, "big"), 8)  # as a copy-back would
+        return inner(fd, request, arg)
+
+    backend._ioctl = scribbling
+    result = backend.cmpxchg(0x100, 8, 4, 6)
+    assert result.exchanged is False and result.old == 5, "expected the compare of 4 to fail"
+    assert emulated_backend.memory.read(0x100, 8) == (5).to_bytes(8, "big"), (
+        "expected memory unchanged: the retry must compare against 4, not the 5 left behind"
+    )
+
+
+@pytest.mark.parametrize("code", [errno.ENOMEM, errno.EFAULT, errno.EIO, errno.EOPNOTSUPP])
+def test_other_errnos_are_memop_errors_with_the_errno(
+    emulated_backend: EmulatedBackend, code: int
+) -> None:
+    backend, fake = _failing_backend(emulated_backend, [code])
+    with pytest.raises(MemopError) as info:
+        backend.cmpxchg(0x100, 8, 0, 1)
+    assert info.value.errno == code and not isinstance(info.value, TransientError)
+    assert fake.mem_ops == 1, "expected no retry"
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_check_marshalling(emulated_backend: EmulatedBackend, store: bool) -> None:
+    recorder = Recorder(EmulatedKvm(emulated_backend))
+    backend = KvmBackend(VM_FD, abi_version="upstream", ioctl=recorder)
+    emulated_backend.set_storage_key(0x2000, 0x90)
+    backend.check(0x2000, 300, 9, store=store)
+    mop = recorder.calls[-1][2]
+    assert isinstance(mop, abi.KvmS390MemOp)
+    expected_op = abi.KVM_S390_MEMOP_ABSOLUTE_WRITE if store else abi.KVM_S390_MEMOP_ABSOLUTE_READ
+    assert (mop.op, mop.gaddr, mop.size, mop.key, mop.buf) == (expected_op, 0x2000, 300, 9, 0)
+    assert mop.flags == abi.KVM_S390_MEMOP_F_CHECK_ONLY | abi.KVM_S390_MEMOP_F_SKEY_PROTECTION
+
+
+# ----------------------------------- the old buffer written back, per generation
+
+
+def _raw_cmpxchg(
+    kernel: EmulatedKvm, gaddr: int, size: int, old: int, new: int, key: int | None = None
+) -> tuple[int | OSError, int]:
+    """One upstream cmpxchg ioctl with an old buffer ``copy_to_user`` cannot write.
+
+    Returns the result (or the OSError) and what the old buffer holds after.
+    """
+    old_buffer = ctypes.create_string_buffer(old.to_bytes(size, "big"), size)
+    new_buffer = ctypes.create_string_buffer(new.to_bytes(size, "big"), size)
+    start = ctypes.addressof(old_buffer)
+    kernel.unwritable = [(start, start + size)]
+    mop = abi.KvmS390MemOp(gaddr=gaddr, size=size, op=abi.KVM_S390_MEMOP_ABSOLUTE_CMPXCHG)
+    mop.buf, mop.old_addr = ctypes.addressof(new_buffer), start
+    if key is not None:
+        mop.flags, mop.key = abi.KVM_S390_MEMOP_F_SKEY_PROTECTION, key
+    result: int | OSError
+    try:
+        result = kernel(VM_FD, abi.KVM_S390_MEM_OP, ctypes.addressof(mop))
+    except OSError as exc:
+        result = exc
+    return result, int.from_bytes(old_buffer.raw[:size], "big")
+
+
+#: With an unwritable old buffer, which outcomes become EFAULT: 6.3 writes the
+#: old buffer back after a failed compare, protection and EAGAIN only; 7.0
+#: (``success = false`` up front) after everything but an exchange.
+#: case -> (gaddr, size, old, key, outcome on 6.3, outcome on 7.0)
+OLD_BUFFER_WRITTEN_BACK: dict[str, tuple[int, int, int, int | None, int, int]] = {
+    "exchanged": (0x1100, 8, 0, None, 0, 0),
+    "compare failed": (0x1100, 8, 1, None, -errno.EFAULT, -errno.EFAULT),
+    "protection": (0x1100, 8, 0, 3, -errno.EFAULT, -errno.EFAULT),
+    "addressing": (1 << 20, 8, 0, None, 5, -errno.EFAULT),
+    "misaligned": (0x1101, 8, 0, None, -errno.EINVAL, -errno.EFAULT),
+    "size not a power of two": (0x1100, 3, 0, None, -errno.EINVAL, -errno.EFAULT),
+    "read-only memslot": (0x3000, 8, 0, None, -errno.EOPNOTSUPP, -errno.EFAULT),
+}
+
+
+@pytest.mark.parametrize("case", OLD_BUFFER_WRITTEN_BACK)
+@pytest.mark.parametrize("kernel", ["6.3", "7.0"])
+def test_old_buffer_written_back_per_generation(kernel: str, case: str) -> None:
+    gaddr, size, old, key, on_6_3, on_7_0 = OLD_BUFFER_WRITTEN_BACK[case]
+    with EmulatedBackend(1 << 16, kernel=kernel) as emulated:  # type: ignore[arg-type]
+        emulated.set_storage_key(0x1000, 0x90)
+        emulated.set_readonly(0x3000, 0x1000)
+        result, after = _raw_cmpxchg(EmulatedKvm(emulated), gaddr, size, old, 0x42, key)
+        expected = on_6_3 if kernel == "6.3" else on_7_0
+        got = -result.errno if isinstance(result, OSError) and result.errno else result
+        assert got == expected, f"{case} on {kernel}: expected {expected}, got {result!r}"
+        assert after == old, "expected the unwritable old buffer unchanged"
+        stored = (0x42).to_bytes(8, "big") if case == "exchanged" else bytes(8)
+        assert emulated.memory.read(0x1100, 8) == stored
+
+
+def test_old_buffer_written_back_on_eagain_in_both_generations() -> None:
+    for kernel in ("6.3", "7.0"):
+        with EmulatedBackend(1 << 16, kernel=kernel) as emulated:  # type: ignore[arg-type]
+            emulated.faults = FaultInjector(eagain_probability=1.0)
+            result, _ = _raw_cmpxchg(EmulatedKvm(emulated), 0x1100, 1, 0, 1)
+            assert isinstance(result, OSError) and result.errno == errno.EFAULT, kernel
+
+
+@pytest.mark.parametrize("kernel", ["6.3", "7.0"])
+def test_v5_writes_the_old_buffer_back_only_after_a_failed_compare(kernel: str) -> None:
+    """The v5 assumption: a 7.0-based v5 kernel keeps v5's copy-back rule."""
+    with EmulatedBackend(1 << 16, kernel=kernel) as emulated:  # type: ignore[arg-type]
+        fake = EmulatedKvm(emulated, "v5")
+        backend = KvmBackend(VM_FD, abi_version="v5", ioctl=fake)
+        with pytest.raises(ProgramException) as info:
+            backend.cmpxchg(1 << 20, 8, 0x77, 0)
+        assert info.value.old == 0x77, "expected the old buffer untouched after addressing"
+        with pytest.raises(MemopError) as einval:
+            backend.cmpxchg(0x1101, 8, 0x77, 0)
+        assert einval.value.errno == errno.EINVAL and einval.value.old == 0x77

@@ -24,9 +24,16 @@ from indicators.memop.vmfd import (
     from_unix_socket,
 )
 
-needs_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm to create a VM"
-)
+
+@pytest.fixture
+def needs_kvm() -> None:
+    """Skip without a usable /dev/kvm; with the environment variable CI set, fail."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        reason = "needs a usable /dev/kvm to create a VM"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the VM fd tests: {reason}")
+        pytest.skip(reason)
+
 
 HOLDER = """
 import fcntl, os, sys, time
@@ -46,7 +53,7 @@ def create_vm() -> int:
 
 
 @pytest.fixture
-def vmm() -> Iterator[tuple[int, int]]:
+def vmm(needs_kvm: None) -> Iterator[tuple[int, int]]:
     """A stand-in VMM process holding a VM fd: yields (pid, fd number in it)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER.format(create=abi.KVM_CREATE_VM)],
@@ -61,7 +68,7 @@ def vmm() -> Iterator[tuple[int, int]]:
     proc.wait(timeout=10)
 
 
-@needs_kvm
+@pytest.mark.usefixtures("needs_kvm")
 def test_from_pid_takes_the_vms_fd(vmm: tuple[int, int]) -> None:
     pid, _ = vmm
     fd = from_pid(pid)
@@ -73,7 +80,7 @@ def test_from_pid_takes_the_vms_fd(vmm: tuple[int, int]) -> None:
     os.close(fd)
 
 
-@needs_kvm
+@pytest.mark.usefixtures("needs_kvm")
 def test_from_inherited_and_unix_socket(tmp_path: Path) -> None:
     vm = create_vm()
     try:
@@ -120,3 +127,79 @@ def test_wrong_kinds_of_fd_are_refused(tmp_path: Path) -> None:
         from_unix_socket(str(tmp_path / "missing"))
     with pytest.raises(VmFdError, match="is not fd:N, unix:PATH or pid:N"):
         acquire_fd("tcp:1")
+
+
+# -------------------------------------------------- close-on-exec, without KVM
+
+EVENTFD = "anon_inode:[eventfd]"
+
+
+def _serve_fds(path: str, fds: list[int]) -> threading.Thread:
+    """A peer on ``path`` that sends ``fds`` (inheritable, as a careless VMM would)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                socket.send_fds(conn, [b"x"], fds)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread
+
+
+def _visible_after_exec(fd: int) -> bool:
+    """Whether a program exec'd by this process (keeping every fd it may) sees ``fd``."""
+    probe = f"import os, sys; sys.exit(0 if os.path.exists('/proc/self/fd/{fd}') else 3)"
+    result = subprocess.run([sys.executable, "-c", probe], close_fds=False, timeout=30)
+    return result.returncode == 0
+
+
+def _eventfds() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if fd_kind(int(name)) == EVENTFD:
+                found.add(int(name))
+        except OSError:
+            continue  # the listing's own fd, closed meanwhile
+    return found
+
+
+def test_fd_received_over_unix_is_close_on_exec(tmp_path: Path) -> None:
+    """The peer's fds are inheritable; what arrives here must not be, and a surplus
+    fd is closed."""
+    sent = [os.eventfd(0), os.eventfd(0)]
+    for fd in sent:
+        os.set_inheritable(fd, True)
+    before = _eventfds()
+    path = str(tmp_path / "vmfd.sock")
+    thread = _serve_fds(path, sent)
+    fd = from_unix_socket(path, expect=EVENTFD)
+    thread.join(timeout=30)
+    try:
+        assert _eventfds() - before == {fd}, "expected one new fd: the surplus one closed"
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC, "expected FD_CLOEXEC set"
+        assert not os.get_inheritable(fd)
+        assert not _visible_after_exec(fd), "expected an exec'd program not to get the fd"
+    finally:
+        os.close(fd)
+        for mine in sent:
+            os.close(mine)
+
+
+def test_fd_from_inherited_is_close_on_exec() -> None:
+    inherited = os.eventfd(0)
+    os.set_inheritable(inherited, True)
+    try:
+        fd = from_inherited(inherited, expect=EVENTFD)
+        try:
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            assert not _visible_after_exec(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(inherited)

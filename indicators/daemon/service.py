@@ -128,7 +128,7 @@ class Service:
             self.socket_path,
             mode=control.mode if control else 0o600,
             version=_version_tuple(),
-            package=f"indicators {__version__}",
+            package=f"indicators {__version__} (kernel {self.wiring.backend.generation or '?'})",
             max_message=control.max_message if control else 65536,
             max_pending=control.max_pending if control else 8,
             max_rate=control.max_rate if control else None,
@@ -428,6 +428,7 @@ class Service:
             "eventfd-signals": self.eventfds.signals,
             "eventfds": self.eventfds.describe(),
             "vmm": self.vmm.status if self.vmm else None,
+            "kernel-generation": self.wiring.backend.generation if self.wiring else None,
         }
 
 

@@ -101,7 +101,9 @@ def _open_emulated(config: EmulatedBackendConfig, ram_path: str | None) -> Wirin
         )
     created = path if path is not None and not os.path.lexists(path) else None
     try:
-        backend = EmulatedBackend(config.memory_size, path=path, faults=faults)
+        backend = EmulatedBackend(
+            config.memory_size, path=path, faults=faults, kernel=config.kernel
+        )
     except OSError as exc:
         if created is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -2,7 +2,8 @@
 
 One interface (:class:`MemopBackend`), two implementations:
 
-- :class:`EmulatedBackend`: the upstream 6.3 semantics over a mapping of
+- :class:`EmulatedBackend`: the upstream semantics of either kernel
+  generation (6.3-6.19 or 7.0+, see :mod:`.generations`) over a mapping of
   guest RAM (anonymous, or a real QEMU guest's shared RAM file), with
   storage keys and an opt-in :class:`FaultInjector`;
 - :class:`KvmBackend`: the real ``KVM_S390_MEM_OP`` ioctl on a VM fd, in the
@@ -16,13 +17,17 @@ One interface (:class:`MemopBackend`), two implementations:
 """
 
 from .base import CmpxchgResult, MemopBackend, MemopError, ProgramException, TransientError
-from .emulated import EmulatedBackend, FaultInjector
+from .emulated import EmulatedBackend
+from .faults import FaultInjector
+from .generations import GENERATIONS, Generation
 from .kvm import KvmBackend, KvmUnavailableError
 
 __all__ = [
+    "GENERATIONS",
     "CmpxchgResult",
     "EmulatedBackend",
     "FaultInjector",
+    "Generation",
     "KvmBackend",
     "KvmUnavailableError",
     "MemopBackend",

@@ -1,4 +1,4 @@
-"""An exact emulation of the upstream (6.3) KVM_S390_MEM_OP cmpxchg on mapped memory.
+"""An exact emulation of the KVM_S390_MEM_OP cmpxchg on mapped memory, per kernel generation.
 
 :class:`EmulatedBackend` runs the kernel's validation steps in the kernel's
 order, keeps one storage key per 4 KiB page (ACC, F, R, C), and performs the
@@ -7,6 +7,13 @@ mapping, so a real guest sharing that RAM, other threads and other processes
 all see correct atomics.  Sizes 1 and 2 are done as the kernel does them: CS
 on the containing aligned 4-byte word, retried while only neighbouring bytes
 changed, ``-EAGAIN`` after 128 such rounds.
+
+``kernel`` picks the generation (:mod:`.generations`): ``"6.3"`` (Linux 6.3
+to 6.19, the default) checks the memslot of ``gaddr`` before anything else
+(program exception 5 first), ``"7.0"`` refuses a size over 16 or an address
+that fails the ``IS_ALIGNED`` mask test first and then faults the page in,
+which can also fail with ``-EINTR``, ``-ENOMEM`` or ``-EFAULT`` (only
+through the :class:`FaultInjector` here).  Everything else is common.
 
 Deliberate differences from a kernel (none of them visible through the
 cmpxchg):
@@ -17,16 +24,14 @@ cmpxchg):
 - host stores through the mapping by other parties do not set R and C (they
   do not on a real QEMU guest either).
 
-A :class:`FaultInjector` can add ``-EAGAIN`` at random and force protection
-on address ranges, for tests and demonstrations.
+A :class:`FaultInjector` can add ``-EAGAIN`` at random, force protection
+on address ranges and fail the 7.0 fault-in, for tests and demonstrations.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import random
-from dataclasses import dataclass, field
 
 from ..abi import (
     MEM_OP_MAX_SIZE,
@@ -48,6 +53,8 @@ from .base import (
     TransientError,
     check_value,
 )
+from .faults import FaultInjector
+from .generations import Generation, check_generation
 
 __all__ = ["EmulatedBackend", "FaultInjector"]
 
@@ -63,60 +70,12 @@ _VALUE_LIMITS = {size: 1 << (size << 3) for size in (1, 2, 4, 8, 16)}
 _new_result = tuple.__new__
 
 
-@dataclass
-class FaultInjector:
-    """Opt-in faults: random ``-EAGAIN`` and forced protection on ranges.
-
-    ``eagain_probability`` applies to cmpxchg of the sizes in
-    ``eagain_sizes`` (by default 1 and 2, the only sizes a kernel makes
-    transient).  ``protected`` ranges ``(start, end)`` refuse every store with
-    program exception 4, whatever the key.  ``injected`` counts what fired.
-    """
-
-    eagain_probability: float = 0.0
-    eagain_sizes: frozenset[int] = frozenset({1, 2})
-    protected: list[tuple[int, int]] = field(default_factory=list)
-    seed: int | None = None
-    injected: dict[str, int] = field(default_factory=lambda: {"eagain": 0, "protection": 0})
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.eagain_probability <= 1.0:
-            raise ValueError(f"eagain_probability {self.eagain_probability} is outside 0..1")
-        self._random = random.Random(self.seed)
-
-    def protect(self, start: int, size: int) -> None:
-        """Force protection on ``[start, start + size)``."""
-        self.protected.append((start, start + size))
-
-    def is_protected(self, gaddr: int, size: int) -> bool:
-        """Whether a store to ``[gaddr, gaddr + size)`` touches a protected range."""
-        end = gaddr + size
-        return any(start < end and gaddr < stop for start, stop in self.protected)
-
-    def store_protected(self, gaddr: int, size: int) -> bool:
-        """Decide (and count) a forced protection fault for a store."""
-        if self.protected and self.is_protected(gaddr, size):
-            self.injected["protection"] += 1
-            return True
-        return False
-
-    def transient(self, size: int) -> bool:
-        """Decide (and count) an injected ``-EAGAIN`` for a cmpxchg of ``size``."""
-        if (
-            self.eagain_probability
-            and size in self.eagain_sizes
-            and self._random.random() < self.eagain_probability
-        ):
-            self.injected["eagain"] += 1
-            return True
-        return False
-
-
 class EmulatedBackend(MemopBackend):
     """Guest absolute memory with the upstream cmpxchg semantics and storage keys.
 
     ``memory_size`` bytes, anonymous unless ``path`` names a RAM file (created
     when it does not exist).  Every page starts with storage key 0.
+    ``kernel`` is the generation whose outcomes to reproduce.
     """
 
     def __init__(
@@ -125,13 +84,20 @@ class EmulatedBackend(MemopBackend):
         *,
         path: str | None = None,
         faults: FaultInjector | None = None,
+        kernel: Generation = "6.3",
     ) -> None:
+        self.kernel: Generation = check_generation(kernel)
         create = path is not None and not os.path.exists(path)
         self.memory = GuestMemory(memory_size, path, create=create)
         self.memory_size = memory_size
         self.faults = faults
         self._keys = bytearray(memory_size >> PAGE_SHIFT)
         self._readonly: set[int] = set()
+
+    @property
+    def generation(self) -> Generation:
+        """The kernel generation this emulation reproduces (``kernel``)."""
+        return self.kernel
 
     # ------------------------------------------------------------ storage keys
 
@@ -200,46 +166,77 @@ class EmulatedBackend(MemopBackend):
         return _new_result(CmpxchgResult, (exchanged, seen))
 
     def _validate(self, gaddr: int, size: int, old: int, new: int, key: int | None) -> None:
-        """Kernel steps 1-5 and the key check of step 6; return if the exchange may run."""
+        """Every check before the exchange, in the order of the chosen generation.
+
+        Returns if the exchange may run; raises what the kernel reports.
+        Steps 1-3 (``mem_op_validate_common``, size over 16, copying the
+        operands in) are the same in both generations.
+        """
         # What the ABI cannot carry is the caller's bug: ValueError, before the kernel.
         if not 0 <= gaddr < 1 << 64:
             raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
         if 0 < size <= 16:
             check_value("old", old, size)
             check_value("new", new, size)
-        # Steps 1-2: size and key (step 3, copying the operands in, cannot fail here).
         _check_size_and_key(gaddr, size, key, old)
         if size > 16:
             raise MemopError(
                 errno.EINVAL, "cmpxchg size over 16", gaddr=gaddr, size=size, key=key, old=old
             )
-        # Step 4: addressing is checked on the page of gaddr, before alignment.
-        if gaddr >= self.memory_size:
-            raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=old)
-        # Step 5: alignment, power-of-two size, writable memslot.
-        if gaddr & (size - 1) or size & (size - 1):
-            raise MemopError(
-                errno.EINVAL,
-                "address not aligned to the size, or size not 1/2/4/8/16",
-                gaddr=gaddr,
-                size=size,
-                key=key,
-                old=old,
-            )
+        if self.kernel == "6.3":
+            # kvm_s390_vm_mem_op_cmpxchg checks the memslot of gaddr first...
+            self._check_backed(gaddr, size, key, old)
+            # ...then cmpxchg_guest_abs_with_key the IS_ALIGNED mask test.
+            self._check_mask_aligned(gaddr, size, key, old)
+        else:
+            # cmpxchg_guest_abs_with_key: `len > 16 || !IS_ALIGNED(gpa, len)` first,
+            # then kvm_s390_faultin_gfn: no memslot, read-only, host errors.
+            self._check_mask_aligned(gaddr, size, key, old)
+            self._check_backed(gaddr, size, key, old)
         page = gaddr >> PAGE_SHIFT
         if page in self._readonly:
             raise MemopError(
                 errno.EOPNOTSUPP, "read-only memslot", gaddr=gaddr, size=size, key=key, old=old
             )
-        # Step 6: a cmpxchg is a store; a non-zero key must equal ACC.  The
-        # kernel zeroes the old buffer on a protection exception.
         faults = self.faults
+        if self.kernel == "7.0" and faults is not None:
+            code = faults.faultin()
+            if code is not None:
+                reason = _FAULTIN_REASONS[code]
+                raise MemopError(code, reason, gaddr=gaddr, size=size, key=key, old=old)
+        # The exchange's `switch (len)`: its default refuses a size that passed
+        # the mask test but is not a power of two.
+        if size & (size - 1):
+            raise MemopError(
+                errno.EINVAL, "size not 1/2/4/8/16", gaddr=gaddr, size=size, key=key, old=old
+            )
+        # A cmpxchg is a store; a non-zero key must equal ACC.  The kernel
+        # zeroes the old buffer on a protection exception.
         if (key and self._keys[page] & SKEY_ACC_MASK != key << 4) or (
             faults is not None and faults.store_protected(gaddr, size)
         ):
             raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
         if faults is not None and faults.transient(size):
             raise TransientError(gaddr=gaddr, size=size, key=key, old=old)
+
+    def _check_backed(self, gaddr: int, size: int, key: int | None, old: int) -> None:
+        """Program exception 5 for an address outside guest memory."""
+        if gaddr >= self.memory_size:
+            raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=old)
+
+    @staticmethod
+    def _check_mask_aligned(gaddr: int, size: int, key: int | None, old: int) -> None:
+        """The kernel's ``IS_ALIGNED(gpa, len)``: a mask test, so for a size that is
+        not a power of two it passes at some addresses (size 3 at 0x1001)."""
+        if gaddr & (size - 1):
+            raise MemopError(
+                errno.EINVAL,
+                "address not aligned to the size",
+                gaddr=gaddr,
+                size=size,
+                key=key,
+                old=old,
+            )
 
     def _cas_in_word(
         self, gaddr: int, size: int, old: int, new: int, key: int | None
@@ -287,6 +284,31 @@ class EmulatedBackend(MemopBackend):
             keys[page] |= _RC
         self.memory.write(gaddr, data)
 
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        """``F_CHECK_ONLY``: the kernel's ``kvm_s390_vm_mem_op_abs`` and ``check_gpa_range``.
+
+        The kernel tests only the first byte for a memslot, then (for a
+        non-zero key only) each page with ``vm_check_access_key``, whose
+        ``gfn_to_hva`` asks for a writable mapping: a page outside memory or
+        in a read-only memslot is addressing, for a fetch check too.
+        Nothing is accessed, so R and C stay as they are.
+        """
+        if not 0 <= gaddr < 1 << 64:
+            raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
+        _check_size_and_key(gaddr, size, key, 0)
+        if gaddr >= self.memory_size:
+            raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=0)
+        if key:
+            acc = key << 4
+            for page in range(gaddr >> PAGE_SHIFT, ((gaddr + size - 1) >> PAGE_SHIFT) + 1):
+                if page >= len(self._keys) or page in self._readonly:
+                    raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=0)
+                skey = self._keys[page]
+                if skey & SKEY_ACC_MASK != acc and (store or skey & SKEY_FP):
+                    raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
+        if store and self.faults is not None and self.faults.store_protected(gaddr, size):
+            raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
+
     def check_access(self, gaddr: int, size: int, key: int | None, *, store: bool) -> range:
         """Validate an absolute read or write; return the pages it touches."""
         if not 0 <= gaddr < 1 << 64:
@@ -315,6 +337,13 @@ class EmulatedBackend(MemopBackend):
     def close(self) -> None:
         """Unmap the memory."""
         self.memory.close()
+
+
+_FAULTIN_REASONS = {
+    errno.EINTR: "page fault-in interrupted by a fatal signal",
+    errno.ENOMEM: "page fault-in ran out of memory",
+    errno.EFAULT: "page fault-in failed on the host",
+}
 
 
 def _check_size_and_key(gaddr: int, size: int, key: int | None, old: int) -> None:

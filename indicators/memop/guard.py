@@ -5,7 +5,9 @@ configured indicator and summary bits.  :class:`ConfinedBackend` enforces that
 below the engine: a cmpxchg whose new value differs from its expected value
 in any bit outside ``allowed`` (``{gaddr: mask}``), or a write that would
 change such a bit, is refused with ``EPERM`` before the inner backend is
-touched.  Reads pass through.
+touched.  So is every size the guard cannot check: a cmpxchg of any size
+but 1, 2, 4, 8 or 16 bytes, a write (or a store check) of 0 or more than
+16 bytes.  Reads pass through.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Mapping
 from .base import CmpxchgResult, MemopBackend, MemopError
 
 __all__ = ["ConfinedBackend"]
+
+_CMPXCHG_SIZES = frozenset({1, 2, 4, 8, 16})
 
 
 class ConfinedBackend(MemopBackend):
@@ -35,9 +39,18 @@ class ConfinedBackend(MemopBackend):
             image = 0
             for offset in range(size):
                 image = image << 8 | allowed.get(gaddr + offset, 0)
-            if size <= 16:
-                self._images[where] = image
+            self._images[where] = image
         return image
+
+    @staticmethod
+    def _refuse_size(gaddr: int, size: int, key: int | None, what: str, allowed: str) -> None:
+        raise MemopError(
+            errno.EPERM,
+            f"refused: the write guard cannot check a {what} of {size} bytes ({allowed})",
+            gaddr=gaddr,
+            size=size,
+            key=key,
+        )
 
     def _refuse(self, gaddr: int, size: int, key: int | None, outside: int, old: int) -> None:
         raise MemopError(
@@ -54,10 +67,11 @@ class ConfinedBackend(MemopBackend):
         self, gaddr: int, size: int, old: int, new: int, key: int | None = None
     ) -> CmpxchgResult:
         """Forward unless ``old ^ new`` has a bit outside the allowed ones."""
-        if 0 < size <= 16:
-            outside = (old ^ new) & ~self._image(gaddr, size)
-            if outside:
-                self._refuse(gaddr, size, key, outside, old)
+        if size not in _CMPXCHG_SIZES:
+            self._refuse_size(gaddr, size, key, "cmpxchg", "1, 2, 4, 8 or 16 bytes")
+        outside = (old ^ new) & ~self._image(gaddr, size)
+        if outside:
+            self._refuse(gaddr, size, key, outside, old)
         return self.inner.cmpxchg(gaddr, size, old, new, key)
 
     def read(self, gaddr: int, size: int, key: int | None = None) -> bytes:
@@ -66,12 +80,27 @@ class ConfinedBackend(MemopBackend):
 
     def write(self, gaddr: int, data: bytes, key: int | None = None) -> None:
         """Forward only if every byte that would change differs in allowed bits only."""
+        if not 0 < len(data) <= 16:
+            self._refuse_size(gaddr, len(data), key, "write", "1 to 16 bytes")
         current = self.inner.read(gaddr, len(data), key)
         changed = int.from_bytes(current, "big") ^ int.from_bytes(data, "big")
         outside = changed & ~self._image(gaddr, len(data))
         if outside:
             self._refuse(gaddr, len(data), key, outside, 0)
         self.inner.write(gaddr, data, key)
+
+    @property
+    def generation(self) -> str | None:
+        """The inner backend's kernel generation."""
+        return self.inner.generation
+
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        """Delegate: a check changes nothing.  A store check of a size this
+        guard would refuse to store is refused here too, so that "allowed"
+        always means the store itself would be let through."""
+        if store and not 0 < size <= 16:
+            self._refuse_size(gaddr, size, key, "store", "1 to 16 bytes")
+        self.inner.check(gaddr, size, key, store=store)
 
     def close(self) -> None:
         """Close the inner backend."""

@@ -8,6 +8,26 @@ writes results back into the caller's buffers with the kernel's rules for
 the old buffer.  It also answers ``KVM_CHECK_EXTENSION`` and records
 ``KVM_S390_INTERRUPT`` and FLIC attribute calls.
 
+The kernel generation is the backend's (``EmulatedBackend(kernel=...)``):
+it decides the validation order (in the backend) and, here, when the old
+buffer is written back in the upstream ABI:
+
+- ``"6.3"``: after a failed compare, a protection exception (zeroed) and
+  ``-EAGAIN`` (the last value seen); not after the early memslot check
+  (addressing), and not after an errno from ``cmpxchg_guest_abs_with_key``
+  (there the kernel's ``success`` flag is left unset; this fake assumes it
+  reads as true, i.e. no copy);
+- ``"7.0"``: on every outcome but an exchange (``success = false`` up front),
+  so an unwritable old buffer turns each of them into ``-EFAULT``.
+
+The v5 ABI was never merged; this fake assumes a v5 kernel on either
+generation validates like that generation (the backend's order) but keeps
+v5's own copy-back rule: the old buffer is written only after a failed
+compare (``KVM_S390_MEMOP_R_NO_XCHG``).
+
+``unwritable`` lists user address ranges that ``copy_to_user`` fails on (as
+on a read-only mapping), for the copy-back cases above.
+
 It lets the KVM backend's marshalling run against the same conformance suite
 as the emulation, on any host.
 """
@@ -41,6 +61,7 @@ class EmulatedKvm:
     )
     interrupts: list[tuple[int, int, int]] = field(default_factory=list)
     device_attrs: list[tuple[int, int, int]] = field(default_factory=list)
+    unwritable: list[tuple[int, int]] = field(default_factory=list)
 
     def __call__(self, fd: int, request: int, arg: int) -> int:
         if request == abi.KVM_CHECK_EXTENSION:
@@ -86,6 +107,18 @@ class EmulatedKvm:
             return int(mop.key)
         return None
 
+    @property
+    def release(self) -> str:
+        """A kernel release string of the backend's generation (what ``uname -r`` would say)."""
+        return f"{self.backend.kernel}.0-emulated"
+
+    def _copy_to_user(self, addr: int, data: bytes) -> None:
+        """``copy_to_user``: ``-EFAULT`` on an address range in :attr:`unwritable`."""
+        end = addr + len(data)
+        if any(start < end and addr < stop for start, stop in self.unwritable):
+            raise _fail(errno.EFAULT)
+        ctypes.memmove(addr, data, len(data))
+
     def _cmpxchg(self, mop: abi.KvmS390MemOp) -> int:
         v5 = self.abi_version == "v5"
         supported = abi.KVM_S390_MEMOP_F_SKEY_PROTECTION
@@ -101,21 +134,24 @@ class EmulatedKvm:
         old = int.from_bytes(ctypes.string_at(mop.old_addr, size), "big")
         if v5 and mop.flags & abi.KVM_S390_MEMOP_F_CHECK_ONLY:
             return self._check_range(mop, key, store=True)
+        every_path = self.backend.kernel == "7.0"
         try:
             result = self.backend.cmpxchg(mop.gaddr, size, old, new, key)
         except TransientError as exc:
             if not v5:
-                ctypes.memmove(mop.old_addr, exc.old.to_bytes(size, "big"), size)
+                self._copy_to_user(mop.old_addr, exc.old.to_bytes(size, "big"))
             raise _fail(errno.EAGAIN) from exc
         except ProgramException as exc:
-            if not v5:
-                ctypes.memmove(mop.old_addr, exc.old.to_bytes(size, "big"), size)
+            if not v5 and (every_path or exc.code != abi.PGM_ADDRESSING):
+                self._copy_to_user(mop.old_addr, exc.old.to_bytes(size, "big"))
             return exc.code
         except MemopError as exc:
+            if not v5 and every_path:
+                self._copy_to_user(mop.old_addr, exc.old.to_bytes(size, "big"))
             raise _fail(exc.errno or errno.EINVAL) from exc
         if result.exchanged:
             return 0
-        ctypes.memmove(mop.old_addr, result.old.to_bytes(size, "big"), size)
+        self._copy_to_user(mop.old_addr, result.old.to_bytes(size, "big"))
         return abi.KVM_S390_MEMOP_R_NO_XCHG if v5 else 0
 
     def _absolute(self, mop: abi.KvmS390MemOp) -> int:
@@ -139,8 +175,11 @@ class EmulatedKvm:
         return 0
 
     def _check_range(self, mop: abi.KvmS390MemOp, key: int | None, *, store: bool) -> int:
+        """``F_CHECK_ONLY``: the kernel reads no buffer (``buf`` may be NULL)."""
         try:
-            self.backend.check_access(mop.gaddr, mop.size, key, store=store)
+            self.backend.check(mop.gaddr, mop.size, key, store=store)
         except ProgramException as exc:
             return exc.code
+        except MemopError as exc:
+            raise _fail(exc.errno or errno.EINVAL) from exc
         return 0

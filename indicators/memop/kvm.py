@@ -13,6 +13,12 @@ CAP_CMPXCHG bit, then tells the two apart with a probe that cannot touch
 memory: an upstream cmpxchg at an address no guest has answers 5
 (addressing), a v5 kernel refuses the unknown op with ``EINVAL``.
 
+``-EINTR`` (the 7.0 fault-in saw a fatal signal, or a signal interrupted
+the call) is retried at once, up to :data:`EINTR_ATTEMPTS` calls in all,
+then reported as a :class:`MemopError` with errno ``EINTR``; every other
+errno is a :class:`MemopError` carrying it.  :attr:`KvmBackend.generation`
+says which kernel generation answers (from the release string).
+
 The ioctl itself is injectable: any ``(fd, request, arg) -> int`` callable
 that raises :class:`OSError` like the system call does.  The tests pass
 :class:`indicators.memop.kernel.EmulatedKvm`, which implements each ABI on an
@@ -39,8 +45,16 @@ from .base import (
     TransientError,
     check_value,
 )
+from .generations import Generation, generation_of_release
 
-__all__ = ["Abi", "IoctlFn", "KvmBackend", "KvmUnavailableError", "system_ioctl"]
+__all__ = [
+    "EINTR_ATTEMPTS",
+    "Abi",
+    "IoctlFn",
+    "KvmBackend",
+    "KvmUnavailableError",
+    "system_ioctl",
+]
 
 Abi = Literal["upstream", "v5", "auto"]
 
@@ -48,6 +62,10 @@ Abi = Literal["upstream", "v5", "auto"]
 IoctlFn = Callable[[int, int, int], int]
 
 _PROBE_GADDR = (1 << 64) - 16  # aligned, and no guest has memory there
+
+#: Calls of one memop before ``-EINTR`` is reported (like the engine's bound
+#: on ``-EAGAIN``, but immediate: nothing to wait for).
+EINTR_ATTEMPTS = 4
 
 
 class KvmUnavailableError(IndicatorsError, RuntimeError):
@@ -87,11 +105,26 @@ class KvmBackend(MemopBackend):
     """Memops through ``KVM_S390_MEM_OP`` on ``vm_fd`` (which the backend does not own)."""
 
     def __init__(
-        self, vm_fd: int, *, abi_version: Abi = "auto", ioctl: IoctlFn | None = None
+        self,
+        vm_fd: int,
+        *,
+        abi_version: Abi = "auto",
+        ioctl: IoctlFn | None = None,
+        release: str | None = None,
     ) -> None:
+        """``release`` is the kernel release string; by default this host's
+        (``uname -r``), or the injected ioctl's ``release`` attribute."""
         if ioctl is None:
             require_s390x_kvm()
             ioctl = system_ioctl()
+            if release is None:
+                release = os.uname().release
+        elif release is None:
+            release = getattr(ioctl, "release", None)
+        self.release = release
+        self._generation = None if release is None else generation_of_release(release)
+        #: ``-EINTR`` answers retried so far (each one cost a call).
+        self.eintr_retries = 0
         self.vm_fd = vm_fd
         self._ioctl = ioctl
         self._ops = _Operands()
@@ -105,6 +138,44 @@ class KvmBackend(MemopBackend):
         self.abi: Literal["upstream", "v5"] = (
             self._probe_abi() if abi_version == "auto" else abi_version
         )
+
+    @property
+    def generation(self) -> Generation | None:
+        """The running kernel's generation from its release, None if unknown."""
+        return self._generation
+
+    def _mem_op(self, ops: _Operands, refill: tuple[bytes, bytes] | None = None) -> int:
+        """``KVM_S390_MEM_OP`` on ``ops``, retrying ``-EINTR``; OSError otherwise.
+
+        ``refill`` (the old and new operands) is written back into the
+        operand buffers before a retry, so that a retried cmpxchg compares
+        against what the caller asked for.
+        """
+        try:
+            return self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+        for attempt in range(2, EINTR_ATTEMPTS + 1):
+            self.eintr_retries += 1
+            if refill is not None:
+                ctypes.memmove(ops.old_addr, refill[0], len(refill[0]))
+                ctypes.memmove(ops.new_addr, refill[1], len(refill[1]))
+            try:
+                return self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
+            except OSError as exc:
+                if exc.errno != errno.EINTR or attempt == EINTR_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _error(exc: OSError, gaddr: int, size: int, key: int | None, old: int = 0) -> MemopError:
+        """The :class:`MemopError` for a failed ioctl (``-EAGAIN`` is the caller's)."""
+        code = exc.errno or 0
+        reason = os.strerror(code)
+        if code == errno.EINTR:
+            reason = f"interrupted {EINTR_ATTEMPTS} times in a row (a fatal signal pending?)"
+        return MemopError(code, reason, gaddr=gaddr, size=size, key=key, old=old)
 
     def _check_extension(self, cap: int) -> int:
         try:
@@ -163,24 +234,24 @@ class KvmBackend(MemopBackend):
             op, flags = abi.KVM_S390_MEMOP_ABSOLUTE_WRITE, abi.KVM_S390_MEMOP_F_CMPXCHG
             mop = self._fill(ops, gaddr, size, op, flags, key)
         sized = 0 < size <= 16
+        refill = None
         if sized:
             check_value("old", old, size)
             check_value("new", new, size)
-            ctypes.memmove(ops.old_addr, old.to_bytes(size, "big"), size)
-            ctypes.memmove(ops.new_addr, new.to_bytes(size, "big"), size)
+            refill = (old.to_bytes(size, "big"), new.to_bytes(size, "big"))
+            ctypes.memmove(ops.old_addr, refill[0], size)
+            ctypes.memmove(ops.new_addr, refill[1], size)
         mop.buf = ops.new_addr
         mop.old_addr = ops.old_addr
         try:
-            rc = self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
+            rc = self._mem_op(ops, refill)
         except OSError as exc:
             # A size the buffers cannot hold never reached them: report ``old``
             # as passed, not what an earlier call left there.
             after = int.from_bytes(bytes(ops.old)[:size], "big") if sized else old
             if exc.errno == errno.EAGAIN:
                 raise TransientError(gaddr=gaddr, size=size, key=key, old=after) from exc
-            raise MemopError(
-                exc.errno, os.strerror(exc.errno or 0), gaddr=gaddr, size=size, key=key, old=after
-            ) from exc
+            raise self._error(exc, gaddr, size, key, after) from exc
         after = int.from_bytes(bytes(ops.old)[:size], "big") if sized else old
         if rc == 0:
             if self.abi == "v5":
@@ -198,11 +269,9 @@ class KvmBackend(MemopBackend):
         mop = self._fill(ops, gaddr, size, op, 0, key)
         mop.buf = ctypes.addressof(buffer)
         try:
-            rc = self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
+            rc = self._mem_op(ops)
         except OSError as exc:
-            raise MemopError(
-                exc.errno, os.strerror(exc.errno or 0), gaddr=gaddr, size=size, key=key
-            ) from exc
+            raise self._error(exc, gaddr, size, key) from exc
         if rc:
             raise ProgramException(rc, gaddr=gaddr, size=size, key=key, old=0)
 
@@ -216,6 +285,19 @@ class KvmBackend(MemopBackend):
         """``KVM_S390_MEMOP_ABSOLUTE_WRITE``."""
         buffer = ctypes.create_string_buffer(bytes(data), len(data))
         self._access(gaddr, buffer, abi.KVM_S390_MEMOP_ABSOLUTE_WRITE, key)
+
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        """``ABSOLUTE_WRITE``/``ABSOLUTE_READ`` with ``F_CHECK_ONLY`` and no buffer."""
+        op = abi.KVM_S390_MEMOP_ABSOLUTE_WRITE if store else abi.KVM_S390_MEMOP_ABSOLUTE_READ
+        ops = self._ops
+        mop = self._fill(ops, gaddr, size, op, abi.KVM_S390_MEMOP_F_CHECK_ONLY, key)
+        mop.buf = 0  # the kernel copies nothing for a check
+        try:
+            rc = self._mem_op(ops)
+        except OSError as exc:
+            raise self._error(exc, gaddr, size, key) from exc
+        if rc:
+            raise ProgramException(rc, gaddr=gaddr, size=size, key=key, old=0)
 
     # ----------------------------------------------------------- interrupts
 

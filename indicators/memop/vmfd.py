@@ -15,11 +15,14 @@ written as a source string in the config:
 
 Every source checks that what it got is a KVM VM fd (``expect`` may name
 another anon inode, e.g. ``kvm-device`` for a FLIC fd) and returns a new fd
-that the caller owns.
+that the caller owns, close-on-exec: nothing the daemon ever starts inherits
+a guest's VM (``os.dup`` and ``pidfd_getfd`` set the flag themselves; fds
+received as SCM_RIGHTS get it atomically with ``MSG_CMSG_CLOEXEC``).
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 import socket
@@ -64,7 +67,7 @@ def from_unix_socket(path: str, expect: str = KVM_VM, timeout: float = 5.0) -> i
         sock.settimeout(timeout)
         try:
             sock.connect(path)
-            _, fds, _, _ = socket.recv_fds(sock, 16, 4)
+            fds = _recv_fds_cloexec(sock, 4)
         except OSError as exc:
             raise VmFdError(f"unix:{path}: {exc.strerror or exc}") from None
     if not fds:
@@ -72,6 +75,24 @@ def from_unix_socket(path: str, expect: str = KVM_VM, timeout: float = 5.0) -> i
     for extra in fds[1:]:
         os.close(extra)
     return _checked(fds[0], f"unix:{path}", expect)
+
+
+def _recv_fds_cloexec(sock: socket.socket, maxfds: int) -> list[int]:
+    """Up to ``maxfds`` SCM_RIGHTS fds from one message, each close-on-exec.
+
+    ``MSG_CMSG_CLOEXEC`` sets the flag as the kernel installs the fds, with
+    no window in which a fork and exec elsewhere in the process could
+    inherit them.  (``socket.recv_fds`` takes a ``flags`` argument but, in
+    the Pythons this project supports, does not pass it on.)
+    """
+    fds = array.array("i")
+    _, ancdata, _, _ = sock.recvmsg(
+        16, socket.CMSG_LEN(maxfds * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
 
 
 def from_pid(pid: int, expect: str = KVM_VM) -> int:
