@@ -11,7 +11,10 @@ memop backend's key-checked cmpxchg and returns the value it found:
 
 :meth:`BitSetter.or_window` takes a 16-byte window's bits as one 128-bit
 big-endian image and uses one cmpxchg of the smallest aligned size covering
-them.  Counts go to the engine's :class:`~indicators.stats.EngineStats`.
+them.  :meth:`BitSetter.clear_window` is the inverse the engine needs to
+undo its own bits (it clears only bits still set, and only those), and
+:meth:`BitSetter.check` asks the backend whether a store would pass without
+making it.  Counts go to the engine's :class:`~indicators.stats.EngineStats`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,13 @@ _SIZES = (1, 2, 4, 8, 16)
 
 
 class OrFailure(Exception):
-    """An OR that could not be done: ``code`` (a program interruption code, an errno
-    name, ``NO_XCHG_LIMIT``), what happened, where, and the backend's error."""
+    """An OR (or its undo, or a check) that could not be done.
+
+    ``code`` is a program interruption code (``"4"``, ``"5"``), an errno
+    name (``"EAGAIN"``) or ``"NO_XCHG_LIMIT"``; ``errno`` the errno number
+    when there was one; ``desc`` what happened; ``gaddr``, ``size`` and
+    ``key`` the access; ``cause`` the backend's error.
+    """
 
     def __init__(
         self,
@@ -41,10 +49,19 @@ class OrFailure(Exception):
         size: int,
         key: int | None,
         cause: BaseException | None = None,
+        errno: int | None = None,
     ) -> None:
         super().__init__(desc)
         self.code, self.desc, self.gaddr, self.size, self.key = code, desc, gaddr, size, key
         self.cause = cause
+        self.errno = errno
+
+    @classmethod
+    def of(cls, exc: MemopError, gaddr: int, size: int, key: int | None) -> OrFailure:
+        """The failure a backend error stands for."""
+        if isinstance(exc, ProgramException):
+            return cls(str(exc.code), exc.reason, gaddr, size, key, exc)
+        return cls(errno_name(exc.errno), exc.reason, gaddr, size, key, exc, exc.errno)
 
 
 def errno_name(number: int | None) -> str:
@@ -55,6 +72,17 @@ def errno_name(number: int | None) -> str:
 def window_image(gaddr: int, mask: int) -> tuple[int, int]:
     """The 16-byte window holding ``gaddr`` and ``mask`` placed in its 128-bit image."""
     return gaddr & ~15, mask << ((15 - (gaddr & 15)) << 3)
+
+
+def _covering(mask: int) -> tuple[int, int, int]:
+    """Offset, size and image shift of the smallest aligned access covering ``mask``'s bytes."""
+    first = 15 - ((mask.bit_length() - 1) >> 3)
+    last = 15 - (((mask & -mask).bit_length() - 1) >> 3)
+    for size in _SIZES:
+        if first // size == last // size:
+            break
+    start = first - first % size
+    return start, size, (16 - start - size) << 3
 
 
 class BitSetter:
@@ -68,18 +96,32 @@ class BitSetter:
         # The last value seen per (gaddr, size): the next cmpxchg's guess.
         self._seen: dict[tuple[int, int], int] = {}
 
+    def check(self, gaddr: int, size: int, key: int | None) -> None:
+        """Raise :class:`OrFailure` unless the backend says a store here would pass.
+
+        A backend that cannot check (a test double) passes: the engine's undo
+        still keeps a failed notification out of guest memory.
+        """
+        try:
+            self.backend.check(gaddr, size, key, store=True)
+        except NotImplementedError:
+            return
+        except MemopError as exc:
+            raise OrFailure.of(exc, gaddr, size, key) from exc
+
     async def or_window(self, window: int, mask: int, key: int | None) -> int:
         """OR ``mask`` (a 128-bit big-endian image of the window) with one cmpxchg
         of the smallest aligned size covering its bytes; return the window's old image."""
-        first = 15 - ((mask.bit_length() - 1) >> 3)
-        last = 15 - (((mask & -mask).bit_length() - 1) >> 3)
-        for size in _SIZES:
-            if first // size == last // size:
-                break
-        start = first - first % size
-        shift = (16 - start - size) << 3
+        start, size, shift = _covering(mask)
         old = await self.or_bits(window + start, size, mask >> shift, key)
         return old << shift
+
+    async def clear_window(self, window: int, mask: int, key: int | None) -> int:
+        """Clear those bits of ``mask`` (a window image) that are still set, and no
+        other; return the image of the bits it cleared."""
+        start, size, shift = _covering(mask)
+        cleared = await self._exchange(window + start, size, mask >> shift, key, setting=False)
+        return cleared << shift
 
     async def or_bits(self, gaddr: int, size: int, bits: int, key: int | None) -> int:
         """The cmpxchg retry loop; returns the value found before the OR.
@@ -88,30 +130,38 @@ class BitSetter:
         when the guest consumed our bits since, and when they are still set
         the compare fails and shows it, so nothing is written.
         """
+        return await self._exchange(gaddr, size, bits, key, setting=True)
+
+    async def _exchange(
+        self, gaddr: int, size: int, bits: int, key: int | None, *, setting: bool
+    ) -> int:
+        """Set (or clear) ``bits``; returns the value found before (or the bits cleared)."""
         backend, stats, policy = self.backend, self.stats, self.policy
         where = (gaddr, size)
-        current = self._seen.get(where, 0) & ~bits
+        seen = self._seen.get(where, 0)
+        # Setting guesses the bits clear; clearing guesses them set (the
+        # engine clears only bits it has just set).
+        current = seen & ~bits if setting else seen | bits
         rounds = transient = 0
-        while current & bits != bits:
+        while (current & bits != bits) if setting else (current & bits):
+            new = current | bits if setting else current & ~bits
             stats.cmpxchg += 1
             try:
-                result = backend.cmpxchg(gaddr, size, current, current | bits, key)
+                result = backend.cmpxchg(gaddr, size, current, new, key)
             except TransientError as exc:
                 transient += 1
                 stats.eagain += 1
                 if transient >= policy.eagain_attempts:
                     desc = f"-EAGAIN {transient} times"
-                    raise OrFailure("EAGAIN", desc, gaddr, size, key, exc) from exc
+                    raise OrFailure("EAGAIN", desc, gaddr, size, key, exc, errno.EAGAIN) from exc
                 delay = min(policy.eagain_backoff_cap, policy.eagain_backoff_base * 2**transient)
                 await asyncio.sleep(delay * (0.5 + self._random.random() / 2))
                 continue
-            except ProgramException as exc:
-                raise OrFailure(str(exc.code), exc.reason, gaddr, size, key, exc) from exc
             except MemopError as exc:
-                raise OrFailure(errno_name(exc.errno), exc.reason, gaddr, size, key, exc) from exc
+                raise OrFailure.of(exc, gaddr, size, key) from exc
             if result.exchanged:
-                self._seen[where] = current | bits
-                return current
+                self._seen[where] = new
+                return current if setting else current & bits
             stats.no_xchg += 1
             rounds += 1
             if rounds >= policy.max_no_xchg_rounds:
@@ -119,4 +169,4 @@ class BitSetter:
                 raise OrFailure("NO_XCHG_LIMIT", desc, gaddr, size, key)
             current = result.old
         self._seen[where] = current
-        return current
+        return current if setting else 0

@@ -99,6 +99,7 @@ async def test_unknown_device_or_vector_changes_nothing() -> None:
 
 async def test_key_mismatch_fails_with_protection_and_names_everything() -> None:
     model, backend = make([virtio("net0", 0x100, 0x1200, 4, key=5)])
+    backend.set_storage_key(0x0, 0x50)  # the summary page matches
     backend.set_storage_key(0x1000, 0x30)  # the dsci page has ACC 3
     sink = QueueSink()
     engine = Engine(model, backend, sink)
@@ -106,8 +107,10 @@ async def test_key_mismatch_fails_with_protection_and_names_everything() -> None
         await engine.notify("net0", 1)
     error = info.value
     assert (error.device, error.vector, error.code, error.key) == ("net0", 1, "4", 5)
-    assert error.gaddr == 0x1200 and error.size == 1
+    assert error.gaddr == 0x1200 and error.size == 1 and error.where == "dsci"
+    assert error.errno is None, "a program exception has no errno"
     assert "net0" in str(error) and "0x1200" in str(error) and "key 5" in str(error)
+    assert "dsci" in str(error) and "code 4" in str(error)
     assert backend.read(0x100, 1) == b"\x00", "no summary without its indicator"
     assert backend.read(0x1200, 1) == b"\x00"
     assert sink.count == [0] * 8
@@ -156,12 +159,17 @@ async def test_bits_in_two_bytes_use_the_smallest_covering_size() -> None:
     assert sizes[0::2] == [8, 16, 2], "aligned 8 covers 3..5, only 16 covers 7..8, 2 covers 2..3"
 
 
-async def test_concurrent_notifies_are_coalesced_into_batches() -> None:
+async def test_held_notifies_are_coalesced_into_one_batch() -> None:
     model, backend = make([virtio("d", 0x100, 0x200, 64)])
     engine = Engine(model, backend, QueueSink())
-    await asyncio.gather(*(engine.notify("d", v) for v in range(64)))
+    engine.pause()
+    tasks = [asyncio.create_task(engine.notify("d", v)) for v in range(64)]
+    while engine.pending < 64:
+        await asyncio.sleep(0)
+    engine.resume()
+    await asyncio.gather(*tasks)
     assert backend.read(0x200, 8) == b"\xff" * 8
-    assert engine.stats.cmpxchg <= 4
+    assert engine.stats.cmpxchg == 2, "one 8-byte dsci cmpxchg, one summary cmpxchg"
 
 
 # ----------------------------------------------------------- interrupts
@@ -248,7 +256,7 @@ async def test_eagain_on_half_the_calls_still_delivers_everything() -> None:
     assert guest.counts == engine.set_counts
 
 
-async def test_protected_summary_fails_after_the_indicator() -> None:
+async def test_protected_summary_fails_before_the_indicator_is_written() -> None:
     faults = FaultInjector()
     faults.protect(0x100, 1)
     model, backend = make([virtio("v", 0x100, 0x200, 8)], faults=faults)
@@ -256,7 +264,9 @@ async def test_protected_summary_fails_after_the_indicator() -> None:
     with pytest.raises(NotifyError) as info:
         await engine.notify("v", 0)
     assert info.value.code == "4" and info.value.gaddr == 0x100
-    assert backend.read(0x200, 1) == b"\x80", "the indicator was set before the summary"
+    assert info.value.where == "summary"
+    assert backend.read(0x200, 1) == b"\x00", "the summary's check failed: no indicator"
+    assert engine.stats.cmpxchg == 0 and engine.stats.applied == 0
 
 
 async def test_protected_indicator_byte_fails_only_its_notifications() -> None:

@@ -1,0 +1,390 @@
+"""One batch of notifications written into guest memory, all or nothing per notification.
+
+:class:`BatchWriter` takes a batch of :class:`Ticket` objects (each a
+caller's list of :class:`Target`, one device's one vector) and writes what
+QEMU and KVM write, in their order:
+
+1. **check**: the store access of every summary the batch will set is
+   checked once (``backend.check``, the memop's ``F_CHECK_ONLY``), before
+   any dsci bit is written.  A notification whose summary cannot be stored
+   fails here and writes nothing.
+2. **dsci**: the bits are ORed per 16-byte window and access key with one
+   cmpxchg.  A cmpxchg that fails wrote nothing; the window is then retried
+   byte by byte, so only the notifications whose own byte cannot be set fail.
+3. **summary**: each summary window is ORed once, for the devices with a
+   dsci bit in memory.  If that store fails although its check passed, the
+   dsci bits this batch turned on for those devices are cleared again with a
+   cmpxchg that clears only them and only while they are still set, and the
+   notifications fail.
+4. **outcome**: only notifications whose bit and summary are in memory are
+   counted as applied; the summary's old value decides which adapters are
+   due an interrupt (the caller delivers at most one per adapter).
+
+Why both a check and an undo: the check makes the common failure (a
+storage-key mismatch that exists before the batch starts) write nothing at
+all, so the guest never sees a bit appear and vanish, and the undo covers
+what no check can: the guest changing a page's storage key with SSKE
+between the check and the store, or a store failing for a reason the
+kernel's check does not look at (a read-only memslot with key 0, an
+injected fault).
+
+The race that remains, and what the service does then:
+
+- a guest that scans its dsci between our store and the undo (another
+  summary of the adapter interrupted it, or it polls) consumes the bit and
+  handles a notification that is then reported failed.  It sees one
+  spurious indication, which drivers tolerate (the queue is empty or is
+  serviced early); the service reports the notification failed and does not
+  count it as applied, because it cannot know whether the guest looked;
+- if the undo itself fails (SSKE changed the dsci page's key too), the bits
+  stay set behind a clear summary: the service logs an error naming them,
+  counts them in ``stats.stranded``, and says so in the notification's
+  error.  The guest finds them at its next scan of that adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Literal
+
+from .adapters import Adapter, Device
+from .bitor import BitSetter, OrFailure, window_image
+from .stats import EngineStats
+
+__all__ = ["BatchWriter", "NotifyError", "Target", "Ticket"]
+
+log = logging.getLogger(__name__)
+
+#: Where a notification failed: its dsci bit, its summary, or before either.
+Where = Literal["dsci", "summary", "engine"]
+
+# A 16-byte window and the access key a cmpxchg on it runs under.
+_WindowKey = tuple[int, int | None]
+_NO_FAILURES: dict[int, OrFailure] = {}
+
+
+class NotifyError(Exception):
+    """A notification that could not be applied (guest memory is as it was).
+
+    ``code`` is the program interruption code (``"4"``, ``"5"``), the errno
+    name (``"EINVAL"``, ``"EAGAIN"``), ``"NO_XCHG_LIMIT"``, ``"UNAVAILABLE"``
+    or ``"INTERNAL"``; ``errno`` the errno number when the backend gave one;
+    ``where`` which access failed (``"dsci"``, ``"summary"``, or
+    ``"engine"`` when none was tried); ``gaddr``, ``size`` and ``key`` that
+    access; ``cause`` the backend's error when there was one.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        vector: int,
+        code: str,
+        desc: str,
+        *,
+        where: Where = "engine",
+        gaddr: int | None = None,
+        size: int | None = None,
+        key: int | None = None,
+        errno: int | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        self.device = device
+        self.vector = vector
+        self.code = code
+        self.desc = desc
+        self.where = where
+        self.gaddr = gaddr
+        self.size = size
+        self.key = key
+        self.errno = errno
+        self.cause = cause
+        text = f"device {device!r} vector {vector}: "
+        if gaddr is not None:
+            shown = "none" if key is None else key
+            text += f"{where} at gaddr {gaddr:#x} size {size} key {shown}: "
+        super().__init__(f"{text}{desc} (code {code})")
+
+    @classmethod
+    def of(cls, failure: OrFailure, target: Target, where: Where, note: str = "") -> NotifyError:
+        """The error of ``target``'s notification, failed by ``failure`` at ``where``."""
+        return cls(
+            target.device.name,
+            target.vector,
+            failure.code,
+            failure.desc + note,
+            where=where,
+            gaddr=failure.gaddr,
+            size=failure.size,
+            key=failure.key,
+            errno=failure.errno,
+            cause=failure.cause,
+        )
+
+
+class Target:
+    """One (device, vector) with its addresses worked out, shared by every notification of it.
+
+    Identity-hashed, so counting a burst's notifications per target is a
+    C-speed ``Counter.update``.
+    """
+
+    __slots__ = ("byte", "device", "image", "simage", "sshift", "stest", "swkey", "vector", "wkey")
+
+    def __init__(self, device: Device, vector: int) -> None:
+        bit = device.dsci[vector]
+        window, image = window_image(bit.gaddr, bit.mask)
+        self.device = device
+        self.vector = vector
+        self.byte = bit.gaddr
+        #: The 16-byte window of the dsci bit and the key the cmpxchg runs under.
+        self.wkey: _WindowKey = (window, device.key)
+        #: The bit placed in the window's 128-bit big-endian image.
+        self.image = image
+        summary = device.summary
+        swindow, self.simage = window_image(summary.gaddr, summary.mask)
+        #: The summary's window and key, where its byte sits in the image, and
+        #: what of the old byte says "was clear" (the byte, as QEMU; the bit, as KVM).
+        self.swkey: _WindowKey = (swindow, device.key)
+        self.sshift = (15 - (summary.gaddr & 15)) << 3
+        self.stest = 0xFF if device.summary_test == "byte" else summary.mask
+
+
+class Ticket:
+    """One caller's notifications: each is applied or failed within one batch."""
+
+    __slots__ = ("accepted", "entries", "errors", "future")
+
+    def __init__(self, entries: list[Target]) -> None:
+        self.entries = entries
+        self.errors: list[NotifyError | None] = [None] * len(entries)
+        #: Made only when the caller has to wait (the eager path needs none).
+        self.future: asyncio.Future[list[NotifyError | None]] | None = None
+        self.accepted = time.perf_counter()
+
+    def resolve(self) -> None:
+        """Hand the outcome to a waiting caller."""
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(self.errors)
+
+
+class BatchWriter:
+    """Writes batches through ``setter``; ``on_fail`` hears of every failed notification.
+
+    :meth:`apply` returns the adapters due an interrupt; ``set_counts``, when
+    not None, counts per (device, vector) the applied notifications that
+    found their bit clear and set it.
+    """
+
+    def __init__(
+        self,
+        setter: BitSetter,
+        stats: EngineStats,
+        on_fail: Callable[[Target, NotifyError], None],
+    ) -> None:
+        self.setter = setter
+        self.stats = stats
+        self.on_fail = on_fail
+        self.set_counts: Counter[tuple[str, int]] | None = None
+
+    async def apply(self, batch: list[Ticket]) -> dict[int, Adapter]:
+        """Write ``batch``; fail (in its tickets) each notification that could not be."""
+        if len(batch) == 1 and len(batch[0].entries) == 1:
+            counts: dict[Target, int] = {batch[0].entries[0]: 1}  # the eager batch of one
+        else:
+            counts = Counter()
+            for ticket in batch:
+                counts.update(ticket.entries)
+        refused = self._check_summaries(batch, counts)
+        written = await self._write_dsci(batch, counts, refused)
+        due, lost = await self._write_summaries(batch, written)
+        self._count(counts, written, lost)
+        return due
+
+    # ----------------------------------------------------------------- steps
+
+    def _check_summaries(self, batch: list[Ticket], counts: dict[Target, int]) -> set[Device]:
+        """Step 1: the devices whose summary cannot be stored (their notifications fail)."""
+        checked: dict[tuple[int, int | None], OrFailure | None] = {}  # summary byte, key
+        refused: set[Device] = set()
+        check = self.setter.check
+        for target in counts:
+            device = target.device
+            where = (device.summary.gaddr, device.key)
+            if where in checked:
+                failure = checked[where]
+            else:
+                try:
+                    check(where[0], 1, where[1])
+                    failure = checked[where] = None
+                except OrFailure as exc:
+                    failure = checked[where] = exc
+            if failure is not None and device not in refused:
+                refused.add(device)
+                self._fail_where(batch, failure, "summary", _of_device(device))
+        return refused
+
+    async def _write_dsci(
+        self, batch: list[Ticket], counts: dict[Target, int], refused: set[Device]
+    ) -> dict[Target, bool]:
+        """Step 2: the targets whose bit is in memory -> whether this batch turned it on."""
+        groups: dict[_WindowKey, list[Target]] = {}
+        for target in counts:
+            if refused and target.device in refused:
+                continue
+            group = groups.get(target.wkey)
+            if group is None:
+                groups[target.wkey] = [target]
+            else:
+                group.append(target)
+        written: dict[Target, bool] = {}
+        for wkey, members in groups.items():
+            mask = 0
+            for target in members:
+                mask |= target.image
+            old, failed = await self._or_window(wkey, mask)
+            for gaddr, failure in failed.items():
+                self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
+            for target in members:
+                if target.byte not in failed:
+                    written[target] = not old & target.image
+        return written
+
+    async def _write_summaries(
+        self, batch: list[Ticket], written: dict[Target, bool]
+    ) -> tuple[dict[int, Adapter], set[Device]]:
+        """Step 3: set the summaries; returns the adapters due and the devices that failed."""
+        sgroups: dict[_WindowKey, dict[Device, Target]] = {}
+        for target in written:
+            sgroup = sgroups.get(target.swkey)
+            if sgroup is None:
+                sgroups[target.swkey] = {target.device: target}
+            else:
+                sgroup.setdefault(target.device, target)
+        due: dict[int, Adapter] = {}
+        decisions = 0
+        lost: set[Device] = set()
+        for swkey, members in sgroups.items():
+            smask = 0
+            for target in members.values():
+                smask |= target.simage
+            old, failed = await self._or_window(swkey, smask)
+            for device, target in members.items():
+                failure = failed.get(device.summary.gaddr) if failed else None
+                if failure is not None:
+                    lost.add(device)
+                    note = await self._undo(device, written)
+                    self._fail_where(batch, failure, "summary", _of_device(device),
+                                     note)  # fmt: skip
+                elif not (old >> target.sshift) & target.stest:
+                    decisions += 1
+                    due[device.adapter.id] = device.adapter
+        self.stats.interrupts_coalesced += decisions - len(due)
+        return due, lost
+
+    def _count(
+        self, counts: dict[Target, int], written: dict[Target, bool], lost: set[Device]
+    ) -> None:
+        """Step 4: count the acknowledged notifications (and only those)."""
+        stats = self.stats
+        set_counts = self.set_counts
+        per_device: dict[Device, int] = {}
+        for target, turned_on in written.items():
+            device = target.device
+            if lost and device in lost:
+                continue
+            count = counts[target]
+            stats.applied += count
+            stats.merged += count - 1
+            per_device[device] = per_device.get(device, 0) + count
+            if set_counts is not None and turned_on:
+                set_counts[(device.name, target.vector)] += 1
+        for device, count in per_device.items():
+            stats.applied_to(device.adapter.id, count)
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _or_window(self, wkey: _WindowKey, mask: int) -> tuple[int, dict[int, OrFailure]]:
+        """OR one window's bits; on failure retry byte by byte, so that one byte that
+        cannot be set does not fail its neighbours.
+
+        Returns the window's image before the OR and the bytes that failed, by gaddr.
+        """
+        window, key = wkey
+        try:
+            return await self.setter.or_window(window, mask, key), _NO_FAILURES
+        except OrFailure as failure:
+            first = failure
+        failed: dict[int, OrFailure] = {}
+        old = 0
+        for offset in range(16):
+            shift = (15 - offset) << 3
+            bits = (mask >> shift) & 0xFF
+            if not bits:
+                continue
+            gaddr = window + offset
+            if mask == bits << shift:  # a single byte: the first failure is its own
+                failed[gaddr] = first
+                break
+            try:
+                old |= await self.setter.or_bits(gaddr, 1, bits, key) << shift
+            except OrFailure as failure:
+                failed[gaddr] = failure
+        return old, failed
+
+    async def _undo(self, device: Device, written: dict[Target, bool]) -> str:
+        """Clear the dsci bits this batch turned on for ``device`` (its summary failed).
+
+        Returns a note for the notifications' errors when a bit could not be cleared.
+        """
+        groups: dict[_WindowKey, int] = {}
+        for target, turned_on in written.items():
+            if turned_on and target.device is device:
+                groups[target.wkey] = groups.get(target.wkey, 0) | target.image
+        note = ""
+        for (window, key), mask in groups.items():
+            try:
+                cleared = await self.setter.clear_window(window, mask, key)
+            except OrFailure as failure:
+                stranded = mask.bit_count()
+                self.stats.stranded += stranded
+                log.error(
+                    "device %s: %d dsci bit(s) in window %#x stay set behind a clear summary: "
+                    "clearing them failed: %s (code %s)",
+                    device.name, stranded, window, failure.desc, failure.code,
+                )  # fmt: skip
+                note = f"; its dsci bits stay set (clearing them failed with code {failure.code})"
+                continue
+            self.stats.undone += cleared.bit_count()
+        return note
+
+    def _fail_where(
+        self,
+        batch: list[Ticket],
+        failure: OrFailure,
+        where: Where,
+        which: Callable[[Target], bool],
+        note: str = "",
+    ) -> None:
+        """Fail the not yet failed notifications of ``batch`` whose target is ``which``."""
+        for ticket in batch:
+            errors = ticket.errors
+            for index, entry in enumerate(ticket.entries):
+                if errors[index] is None and which(entry):
+                    error = NotifyError.of(failure, entry, where, note)
+                    errors[index] = error
+                    self.on_fail(entry, error)
+
+
+def _of_device(device: Device) -> Callable[[Target], bool]:
+    """Targets of ``device`` (its summary could not be set)."""
+    return lambda entry: entry.device is device
+
+
+def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[Target], bool]:
+    """Targets whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
+    return lambda entry: entry.wkey == wkey and entry.byte == gaddr
