@@ -49,7 +49,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from .adapters import Adapter, Device
 from .bitor import BitSetter, OrFailure, window_image
@@ -256,7 +256,7 @@ class BatchWriter:
 
     async def _write_summaries(
         self, batch: list[Ticket], written: dict[Target, bool]
-    ) -> tuple[dict[int, Adapter], set[Device]]:
+    ) -> tuple[dict[int, Adapter], dict[Device, OrFailure]]:
         """Step 3: set the summaries; returns the adapters due and the devices that failed."""
         sgroups: dict[_WindowKey, dict[Device, Target]] = {}
         for target in written:
@@ -267,7 +267,7 @@ class BatchWriter:
                 sgroup.setdefault(target.device, target)
         due: dict[int, Adapter] = {}
         decisions = 0
-        lost: set[Device] = set()
+        lost: dict[Device, OrFailure] = {}
         for swkey, members in sgroups.items():
             smask = 0
             for target in members.values():
@@ -276,18 +276,20 @@ class BatchWriter:
             for device, target in members.items():
                 failure = failed.get(device.summary.gaddr) if failed else None
                 if failure is not None:
-                    lost.add(device)
-                    note = await self._undo(device, written)
-                    self._fail_where(batch, failure, "summary", _of_device(device),
-                                     note)  # fmt: skip
+                    lost[device] = failure
                 elif not (old >> target.sshift) & target.stest:
                     decisions += 1
                     due[device.adapter.id] = device.adapter
+        if lost:
+            notes = await self._undo(lost, written)
+            for device, failure in lost.items():
+                note = notes.get(device, "")
+                self._fail_where(batch, failure, "summary", _of_device(device), note)
         self.stats.interrupts_coalesced += decisions - len(due)
         return due, lost
 
     def _count(
-        self, counts: dict[Target, int], written: dict[Target, bool], lost: set[Device]
+        self, counts: dict[Target, int], written: dict[Target, bool], lost: dict[Device, OrFailure]
     ) -> None:
         """Step 4: count the acknowledged notifications (and only those)."""
         stats = self.stats
@@ -336,31 +338,40 @@ class BatchWriter:
                 failed[gaddr] = failure
         return old, failed
 
-    async def _undo(self, device: Device, written: dict[Target, bool]) -> str:
-        """Clear the dsci bits this batch turned on for ``device`` (its summary failed).
-
-        Returns a note for the notifications' errors when a bit could not be cleared.
-        """
-        groups: dict[_WindowKey, int] = {}
+    async def _undo(
+        self, lost: dict[Device, OrFailure], written: dict[Target, bool]
+    ) -> dict[Device, str]:
+        """Clear the dsci bits this batch turned on for the devices whose summary failed,
+        one cmpxchg per window; returns, per device, a note for its notifications'
+        errors when its bits could not be cleared."""
+        groups: dict[_WindowKey, list[Any]] = {}  # window -> [mask, devices]
         for target, turned_on in written.items():
-            if turned_on and target.device is device:
-                groups[target.wkey] = groups.get(target.wkey, 0) | target.image
-        note = ""
-        for (window, key), mask in groups.items():
+            if turned_on and target.device in lost:
+                group = groups.get(target.wkey)
+                if group is None:
+                    group = groups[target.wkey] = [0, set()]
+                group[0] |= target.image
+                group[1].add(target.device)
+        notes: dict[Device, str] = {}
+        for (window, key), (mask, devices) in groups.items():
             try:
                 cleared = await self.setter.clear_window(window, mask, key)
             except OrFailure as failure:
                 stranded = mask.bit_count()
                 self.stats.stranded += stranded
+                names = ", ".join(sorted(device.name for device in devices))
                 log.error(
                     "device %s: %d dsci bit(s) in window %#x stay set behind a clear summary: "
                     "clearing them failed: %s (code %s)",
-                    device.name, stranded, window, failure.desc, failure.code,
+                    names, stranded, window, failure.desc, failure.code,
                 )  # fmt: skip
-                note = f"; its dsci bits stay set (clearing them failed with code {failure.code})"
+                for device in devices:
+                    notes[device] = (
+                        f"; its dsci bits stay set (clearing them failed with code {failure.code})"
+                    )
                 continue
             self.stats.undone += cleared.bit_count()
-        return note
+        return notes
 
     def _fail_where(
         self,
