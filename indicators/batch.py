@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 from .adapters import Adapter, Device
 from .bitor import BitSetter, OrFailure, window_image
+from .memop import TransientError
 from .stats import EngineStats
 
 __all__ = ["BatchWriter", "NotifyError", "Target", "Ticket"]
@@ -132,7 +133,9 @@ class Target:
     C-speed ``Counter.update``.
     """
 
-    __slots__ = ("byte", "device", "image", "simage", "sshift", "stest", "swkey", "vector", "wkey")
+    __slots__ = (
+        "byte", "device", "image", "simage", "skey", "sshift", "stest", "swkey", "vector", "wkey",
+    )  # fmt: skip
 
     def __init__(self, device: Device, vector: int) -> None:
         bit = device.dsci[vector]
@@ -149,6 +152,8 @@ class Target:
         #: The summary's window and key, where its byte sits in the image, and
         #: what of the old byte says "was clear" (the byte, as QEMU; the bit, as KVM).
         self.swkey: _WindowKey = (swindow, device.key)
+        #: The summary byte and the key its store is checked under.
+        self.skey = (summary.gaddr, device.key)
         self.sshift = (15 - (summary.gaddr & 15)) << 3
         self.stest = 0xFF if device.summary_test == "byte" else summary.mask
 
@@ -173,9 +178,11 @@ class Ticket:
 
 
 class BatchWriter:
-    """Writes batches through ``setter``; ``on_fail`` hears of every failed notification.
+    """Writes batches through ``setter``; ``on_fail`` hears of every failed notification
+    and ``on_due`` of every adapter due an interrupt (the engine decides suppression
+    and delivers).
 
-    :meth:`apply` returns the adapters due an interrupt; ``set_counts``, when
+    ``set_counts``, when
     not None, counts per (device, vector) the applied notifications that
     found their bit clear and set it.
     """
@@ -185,25 +192,59 @@ class BatchWriter:
         setter: BitSetter,
         stats: EngineStats,
         on_fail: Callable[[Target, NotifyError], None],
+        on_due: Callable[[Adapter], None],
     ) -> None:
         self.setter = setter
         self.stats = stats
         self.on_fail = on_fail
+        self.on_due = on_due
         self.set_counts: Counter[tuple[str, int]] | None = None
 
-    async def apply(self, batch: list[Ticket]) -> dict[int, Adapter]:
-        """Write ``batch``; fail (in its tickets) each notification that could not be."""
+    async def apply(self, batch: list[Ticket]) -> None:
+        """Write ``batch``, fail (in its tickets) each notification that could not be,
+        then hand each adapter due an interrupt to ``on_due``, once.
+
+        Each OR is tried without waiting first and only a failure or
+        ``-EAGAIN`` takes the slow road, so that a batch that meets neither
+        (an idle engine's batch of one, above all) runs through without a
+        single suspension and without a coroutine per step.
+        """
         if len(batch) == 1 and len(batch[0].entries) == 1:
             counts: dict[Target, int] = {batch[0].entries[0]: 1}  # the eager batch of one
         else:
             counts = Counter()
             for ticket in batch:
                 counts.update(ticket.entries)
+        or_now = self.setter.or_window_now
+        # Step 1: check the summaries' stores.
         refused = self._check_summaries(batch, counts)
-        written = await self._write_dsci(batch, counts, refused)
-        due, lost = await self._write_summaries(batch, written)
+        # Step 2: the dsci bits.
+        written: dict[Target, bool] = {}
+        for wkey, (mask, members) in _groups(counts, refused).items():
+            try:
+                old, failed = or_now(wkey[0], mask, wkey[1]), _NO_FAILURES
+            except (TransientError, OrFailure) as exc:
+                old, failed = await self._or_slowly(wkey, mask, exc)
+            self._dsci_done(batch, wkey, members, old, failed, written)
+        # Step 3: the summaries of the devices with a bit in memory.
+        due: dict[int, Adapter] = {}
+        lost: dict[Device, OrFailure] = {}
+        for swkey, (smask, members) in _summary_groups(written).items():
+            try:
+                old, failed = or_now(swkey[0], smask, swkey[1]), _NO_FAILURES
+            except (TransientError, OrFailure) as exc:
+                old, failed = await self._or_slowly(swkey, smask, exc)
+            self._summary_done(members, old, failed, due, lost)
+        if lost:
+            notes = await self._undo(lost, written)
+            for device, failure in lost.items():
+                note = notes.get(device, "")
+                self._fail_where(batch, failure, "summary", _of_device(device), note)
+        # Step 4: count what is acknowledged; the interrupts, one per adapter.
         self._count(counts, written, lost)
-        return due
+        on_due = self.on_due
+        for adapter in due.values():
+            on_due(adapter)
 
     # ----------------------------------------------------------------- steps
 
@@ -213,8 +254,7 @@ class BatchWriter:
         refused: set[Device] = set()
         check = self.setter.check
         for target in counts:
-            device = target.device
-            where = (device.summary.gaddr, device.key)
+            where = target.skey
             if where in checked:
                 failure = checked[where]
             else:
@@ -223,70 +263,47 @@ class BatchWriter:
                     failure = checked[where] = None
                 except OrFailure as exc:
                     failure = checked[where] = exc
-            if failure is not None and device not in refused:
-                refused.add(device)
-                self._fail_where(batch, failure, "summary", _of_device(device))
+            if failure is not None and target.device not in refused:
+                refused.add(target.device)
+                self._fail_where(batch, failure, "summary", _of_device(target.device))
         return refused
 
-    async def _write_dsci(
-        self, batch: list[Ticket], counts: dict[Target, int], refused: set[Device]
-    ) -> dict[Target, bool]:
-        """Step 2: the targets whose bit is in memory -> whether this batch turned it on."""
-        groups: dict[_WindowKey, list[Target]] = {}
-        for target in counts:
-            if refused and target.device in refused:
-                continue
-            group = groups.get(target.wkey)
-            if group is None:
-                groups[target.wkey] = [target]
-            else:
-                group.append(target)
-        written: dict[Target, bool] = {}
-        for wkey, members in groups.items():
-            mask = 0
-            for target in members:
-                mask |= target.image
-            old, failed = await self._or_window(wkey, mask)
-            for gaddr, failure in failed.items():
-                self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
-            for target in members:
-                if target.byte not in failed:
-                    written[target] = not old & target.image
-        return written
+    def _dsci_done(
+        self,
+        batch: list[Ticket],
+        wkey: _WindowKey,
+        members: list[Target],
+        old: int,
+        failed: dict[int, OrFailure],
+        written: dict[Target, bool],
+    ) -> None:
+        """Step 2, one window: fail the bytes that failed; note which bits this batch
+        turned on (the ones found clear) for the counts and for an undo."""
+        for gaddr, failure in failed.items():
+            self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
+        for target in members:
+            if target.byte not in failed:
+                written[target] = not old & target.image
 
-    async def _write_summaries(
-        self, batch: list[Ticket], written: dict[Target, bool]
-    ) -> tuple[dict[int, Adapter], dict[Device, OrFailure]]:
-        """Step 3: set the summaries; returns the adapters due and the devices that failed."""
-        sgroups: dict[_WindowKey, dict[Device, Target]] = {}
-        for target in written:
-            sgroup = sgroups.get(target.swkey)
-            if sgroup is None:
-                sgroups[target.swkey] = {target.device: target}
-            else:
-                sgroup.setdefault(target.device, target)
-        due: dict[int, Adapter] = {}
-        decisions = 0
-        lost: dict[Device, OrFailure] = {}
-        for swkey, members in sgroups.items():
-            smask = 0
-            for target in members.values():
-                smask |= target.simage
-            old, failed = await self._or_window(swkey, smask)
-            for device, target in members.items():
-                failure = failed.get(device.summary.gaddr) if failed else None
-                if failure is not None:
-                    lost[device] = failure
-                elif not (old >> target.sshift) & target.stest:
-                    decisions += 1
-                    due[device.adapter.id] = device.adapter
-        if lost:
-            notes = await self._undo(lost, written)
-            for device, failure in lost.items():
-                note = notes.get(device, "")
-                self._fail_where(batch, failure, "summary", _of_device(device), note)
-        self.stats.interrupts_coalesced += decisions - len(due)
-        return due, lost
+    def _summary_done(
+        self,
+        members: list[Target],
+        old: int,
+        failed: dict[int, OrFailure],
+        due: dict[int, Adapter],
+        lost: dict[Device, OrFailure],
+    ) -> None:
+        """Step 3, one window: a device whose summary went from clear to set (by its
+        summary test) makes its adapter due; one whose summary failed is lost."""
+        for target in members:
+            failure = failed.get(target.skey[0]) if failed else None
+            if failure is not None:
+                lost[target.device] = failure
+            elif not (old >> target.sshift) & target.stest:
+                adapter = target.device.adapter
+                if adapter.id in due:
+                    self.stats.interrupts_coalesced += 1
+                due[adapter.id] = adapter
 
     def _count(
         self, counts: dict[Target, int], written: dict[Target, bool], lost: dict[Device, OrFailure]
@@ -294,7 +311,7 @@ class BatchWriter:
         """Step 4: count the acknowledged notifications (and only those)."""
         stats = self.stats
         set_counts = self.set_counts
-        per_device: dict[Device, int] = {}
+        per_adapter: dict[int, int] = {}
         for target, turned_on in written.items():
             device = target.device
             if lost and device in lost:
@@ -302,25 +319,38 @@ class BatchWriter:
             count = counts[target]
             stats.applied += count
             stats.merged += count - 1
-            per_device[device] = per_device.get(device, 0) + count
+            aid = device.adapter.id
+            per_adapter[aid] = per_adapter.get(aid, 0) + count
             if set_counts is not None and turned_on:
                 set_counts[(device.name, target.vector)] += 1
-        for device, count in per_device.items():
-            stats.applied_to(device.adapter.id, count)
+        for aid, count in per_adapter.items():
+            stats.applied_to(aid, count)
 
     # ---------------------------------------------------------------- helpers
 
-    async def _or_window(self, wkey: _WindowKey, mask: int) -> tuple[int, dict[int, OrFailure]]:
-        """OR one window's bits; on failure retry byte by byte, so that one byte that
-        cannot be set does not fail its neighbours.
+    async def _or_slowly(
+        self, wkey: _WindowKey, mask: int, exc: Exception
+    ) -> tuple[int, dict[int, OrFailure]]:
+        """The road for a window whose OR met ``-EAGAIN`` or failed (``exc``): back off
+        and retry, then, if it still fails, go byte by byte."""
+        if isinstance(exc, TransientError):
+            try:
+                return await self.setter.or_window_later(wkey[0], mask, wkey[1], exc), _NO_FAILURES
+            except OrFailure as failure:
+                return await self._bytewise(wkey, mask, failure)
+        if isinstance(exc, OrFailure):
+            return await self._bytewise(wkey, mask, exc)
+        raise exc
+
+    async def _bytewise(
+        self, wkey: _WindowKey, mask: int, first: OrFailure
+    ) -> tuple[int, dict[int, OrFailure]]:
+        """A window's OR failed (writing nothing): retry byte by byte, so that one byte
+        that cannot be set does not fail its neighbours.
 
         Returns the window's image before the OR and the bytes that failed, by gaddr.
         """
         window, key = wkey
-        try:
-            return await self.setter.or_window(window, mask, key), _NO_FAILURES
-        except OrFailure as failure:
-            first = failure
         failed: dict[int, OrFailure] = {}
         old = 0
         for offset in range(16):
@@ -399,3 +429,37 @@ def _of_device(device: Device) -> Callable[[Target], bool]:
 def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[Target], bool]:
     """Targets whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
     return lambda entry: entry.wkey == wkey and entry.byte == gaddr
+
+
+def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[_WindowKey, list[Any]]:
+    """The dsci targets by window and key: ``[image of their bits, targets]``."""
+    groups: dict[_WindowKey, list[Any]] = {}
+    for target in counts:
+        if refused and target.device in refused:
+            continue
+        group = groups.get(target.wkey)
+        if group is None:
+            groups[target.wkey] = [target.image, [target]]
+        else:
+            group[0] |= target.image
+            group[1].append(target)
+    return groups
+
+
+def _summary_groups(written: dict[Target, bool]) -> dict[_WindowKey, list[Any]]:
+    """One target per device with a bit in memory, by summary window and key:
+    ``[image of their summary bits, targets]``."""
+    groups: dict[_WindowKey, list[Any]] = {}
+    devices: set[Device] = set()
+    for target in written:
+        device = target.device
+        if device in devices:
+            continue
+        devices.add(device)
+        group = groups.get(target.swkey)
+        if group is None:
+            groups[target.swkey] = [target.simage, [target]]
+        else:
+            group[0] |= target.simage
+            group[1].append(target)
+    return groups

@@ -30,6 +30,7 @@ from .stats import EngineStats
 __all__ = ["BitSetter", "OrFailure", "errno_name", "window_image"]
 
 _SIZES = (1, 2, 4, 8, 16)
+_COVERS_KEPT = 4096
 
 
 class OrFailure(Exception):
@@ -95,6 +96,8 @@ class BitSetter:
         self._random = random.Random()
         # The last value seen per (gaddr, size): the next cmpxchg's guess.
         self._seen: dict[tuple[int, int], int] = {}
+        # Per window image: offset, size and shift of the access covering it.
+        self._covers: dict[int, tuple[int, int, int]] = {}
 
     def check(self, gaddr: int, size: int, key: int | None) -> None:
         """Raise :class:`OrFailure` unless the backend says a store here would pass.
@@ -112,15 +115,37 @@ class BitSetter:
     async def or_window(self, window: int, mask: int, key: int | None) -> int:
         """OR ``mask`` (a 128-bit big-endian image of the window) with one cmpxchg
         of the smallest aligned size covering its bytes; return the window's old image."""
-        start, size, shift = _covering(mask)
-        old = await self.or_bits(window + start, size, mask >> shift, key)
-        return old << shift
+        try:
+            return self.or_window_now(window, mask, key)
+        except TransientError as exc:
+            return await self.or_window_later(window, mask, key, exc)
+
+    def or_window_now(self, window: int, mask: int, key: int | None) -> int:
+        """:meth:`or_window` without waiting: ``-EAGAIN`` escapes as TransientError,
+        having written nothing; continue with :meth:`or_window_later`.
+
+        The loop is synchronous so that an idle engine's batch of one finishes
+        in its caller's callback; only the back-off needs the event loop.
+        """
+        start, size, shift = self._cover(mask)
+        return self._loop(window + start, size, mask >> shift, key, True) << shift
+
+    async def or_window_later(
+        self, window: int, mask: int, key: int | None, exc: MemopError
+    ) -> int:
+        """:meth:`or_window` after :meth:`or_window_now` met ``-EAGAIN`` (``exc``)."""
+        start, size, shift = self._cover(mask)
+        return await self._backing_off(window + start, size, mask >> shift, key, True, exc) << shift
 
     async def clear_window(self, window: int, mask: int, key: int | None) -> int:
         """Clear those bits of ``mask`` (a window image) that are still set, and no
         other; return the image of the bits it cleared."""
-        start, size, shift = _covering(mask)
-        cleared = await self._exchange(window + start, size, mask >> shift, key, setting=False)
+        start, size, shift = self._cover(mask)
+        gaddr, bits = window + start, mask >> shift
+        try:
+            cleared = self._loop(gaddr, size, bits, key, False)
+        except TransientError as exc:
+            cleared = await self._backing_off(gaddr, size, bits, key, False, exc)
         return cleared << shift
 
     async def or_bits(self, gaddr: int, size: int, bits: int, key: int | None) -> int:
@@ -130,43 +155,65 @@ class BitSetter:
         when the guest consumed our bits since, and when they are still set
         the compare fails and shows it, so nothing is written.
         """
-        return await self._exchange(gaddr, size, bits, key, setting=True)
+        try:
+            return self._loop(gaddr, size, bits, key, True)
+        except TransientError as exc:
+            return await self._backing_off(gaddr, size, bits, key, True, exc)
 
-    async def _exchange(
-        self, gaddr: int, size: int, bits: int, key: int | None, *, setting: bool
-    ) -> int:
-        """Set (or clear) ``bits``; returns the value found before (or the bits cleared)."""
-        backend, stats, policy = self.backend, self.stats, self.policy
+    def _cover(self, mask: int) -> tuple[int, int, int]:
+        cover = self._covers.get(mask)
+        if cover is None:
+            if len(self._covers) >= _COVERS_KEPT:  # bursts make many masks: stay bounded
+                self._covers.clear()
+            cover = self._covers[mask] = _covering(mask)
+        return cover
+
+    def _loop(self, gaddr: int, size: int, bits: int, key: int | None, setting: bool) -> int:
+        """Set (or clear) ``bits`` without waiting; returns the value found before (or
+        the bits cleared).  ``-EAGAIN`` escapes as TransientError, having written nothing."""
         where = (gaddr, size)
         seen = self._seen.get(where, 0)
         # Setting guesses the bits clear; clearing guesses them set (the
         # engine clears only bits it has just set).
         current = seen & ~bits if setting else seen | bits
-        rounds = transient = 0
+        backend, stats = self.backend, self.stats
+        rounds = 0
         while (current & bits != bits) if setting else (current & bits):
             new = current | bits if setting else current & ~bits
             stats.cmpxchg += 1
             try:
-                result = backend.cmpxchg(gaddr, size, current, new, key)
-            except TransientError as exc:
-                transient += 1
-                stats.eagain += 1
-                if transient >= policy.eagain_attempts:
-                    desc = f"-EAGAIN {transient} times"
-                    raise OrFailure("EAGAIN", desc, gaddr, size, key, exc, errno.EAGAIN) from exc
-                delay = min(policy.eagain_backoff_cap, policy.eagain_backoff_base * 2**transient)
-                await asyncio.sleep(delay * (0.5 + self._random.random() / 2))
-                continue
+                exchanged, found = backend.cmpxchg(gaddr, size, current, new, key)
+            except TransientError:
+                raise
             except MemopError as exc:
                 raise OrFailure.of(exc, gaddr, size, key) from exc
-            if result.exchanged:
+            if exchanged:
                 self._seen[where] = new
                 return current if setting else current & bits
             stats.no_xchg += 1
             rounds += 1
-            if rounds >= policy.max_no_xchg_rounds:
+            if rounds >= self.policy.max_no_xchg_rounds:
                 desc = f"no exchange after {rounds} rounds"
                 raise OrFailure("NO_XCHG_LIMIT", desc, gaddr, size, key)
-            current = result.old
+            current = found
         self._seen[where] = current
         return current if setting else 0
+
+    async def _backing_off(
+        self, gaddr: int, size: int, bits: int, key: int | None, setting: bool, exc: MemopError
+    ) -> int:
+        """After ``-EAGAIN``: back off exponentially with jitter and retry, within the policy."""
+        policy = self.policy
+        transient = 0
+        while True:
+            transient += 1
+            self.stats.eagain += 1
+            if transient >= policy.eagain_attempts:
+                desc = f"-EAGAIN {transient} times"
+                raise OrFailure("EAGAIN", desc, gaddr, size, key, exc, errno.EAGAIN) from exc
+            delay = min(policy.eagain_backoff_cap, policy.eagain_backoff_base * 2**transient)
+            await asyncio.sleep(delay * (0.5 + self._random.random() / 2))
+            try:
+                return self._loop(gaddr, size, bits, key, setting)
+            except TransientError as again:
+                exc = again

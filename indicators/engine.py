@@ -121,7 +121,7 @@ class Engine:
         self.stats = stats or EngineStats()
         #: The cmpxchg retry loops (they count into ``stats``).
         self.setter = BitSetter(backend, self.policy, self.stats)
-        self.writer = BatchWriter(self.setter, self.stats, self._failed)
+        self.writer = BatchWriter(self.setter, self.stats, self._failed, self._interrupt)
         self.simm = 0  # per-ISC masks, 0x80 >> isc
         self.nimm = 0
         self._pending: list[Ticket] = []
@@ -161,7 +161,8 @@ class Engine:
 
     async def notify(self, device: str, vector: int) -> None:
         """Apply one notification; raise :class:`NotifyError` if it failed."""
-        (error,) = await self.notify_many(((device, vector),))
+        outcome = self.notify_nowait(((device, vector),))
+        (error,) = outcome if isinstance(outcome, list) else await outcome
         if error is not None:
             raise error
 
@@ -187,7 +188,7 @@ class Engine:
         control socket): an idle engine costs them no task and no loop pass.
         Raises ValueError as :meth:`notify_many` does.
         """
-        items = items if isinstance(items, list | tuple) else list(items)
+        items = items if isinstance(items, (list, tuple)) else list(items)
         targets = self._targets
         try:
             entries = [targets[name][vector] for name, vector in items]
@@ -314,7 +315,7 @@ class Engine:
         behind it as for any running flush.
         """
         batch = [ticket]
-        coro = self._run(batch)
+        coro = self.writer.apply(batch)
         self._eager = True
         try:
             waiting = coro.send(None)
@@ -347,7 +348,7 @@ class Engine:
                     await self._running.wait()
                     continue
                 batch, self._pending = self._pending, []
-                await self._settle(batch, self._run(batch))
+                await self._settle(batch, self.writer.apply(batch))
         finally:
             self._flusher = None
 
@@ -374,12 +375,6 @@ class Engine:
                                         f"engine: {exc!r}")  # fmt: skip
                     ticket.errors[index] = error
             ticket.resolve()
-
-    async def _run(self, batch: list[Ticket]) -> None:
-        """One batch: the writer's steps, then at most one interrupt per adapter."""
-        due = await self.writer.apply(batch)
-        for adapter in due.values():
-            self._interrupt(adapter)
 
     def _failed(self, entry: Target, error: NotifyError) -> None:
         """Count, log and announce one failed notification."""
