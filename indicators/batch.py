@@ -134,7 +134,8 @@ class Target:
     """
 
     __slots__ = (
-        "byte", "device", "image", "simage", "skey", "sshift", "stest", "swkey", "vector", "wkey",
+        "alone", "byte", "device", "image", "salone", "simage", "skey", "sshift", "stest",
+        "swkey", "vector", "wkey",
     )  # fmt: skip
 
     def __init__(self, device: Device, vector: int) -> None:
@@ -156,6 +157,10 @@ class Target:
         self.skey = (summary.gaddr, device.key)
         self.sshift = (15 - (summary.gaddr & 15)) << 3
         self.stest = 0xFF if device.summary_test == "byte" else summary.mask
+        #: The dsci and summary groups of a batch of this target alone (see
+        #: :func:`_groups`): made once, so the eager path's batch of one reuses them.
+        self.alone: dict[_WindowKey, list[Any]] = {self.wkey: [image, [self]]}
+        self.salone: dict[_WindowKey, list[Any]] = {self.swkey: [self.simage, [self]]}
 
 
 class Ticket:
@@ -433,6 +438,8 @@ def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[Target], bool]:
 
 def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[_WindowKey, list[Any]]:
     """The dsci targets by window and key: ``[image of their bits, targets]``."""
+    if len(counts) == 1 and not refused:
+        return next(iter(counts)).alone  # the batch of one: made once, read only
     groups: dict[_WindowKey, list[Any]] = {}
     for target in counts:
         if refused and target.device in refused:
@@ -449,6 +456,8 @@ def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[_WindowKey,
 def _summary_groups(written: dict[Target, bool]) -> dict[_WindowKey, list[Any]]:
     """One target per device with a bit in memory, by summary window and key:
     ``[image of their summary bits, targets]``."""
+    if len(written) == 1:
+        return next(iter(written)).salone
     groups: dict[_WindowKey, list[Any]] = {}
     devices: set[Device] = set()
     for target in written:

@@ -127,8 +127,9 @@ class BitSetter:
         The loop is synchronous so that an idle engine's batch of one finishes
         in its caller's callback; only the back-off needs the event loop.
         """
-        start, size, shift = self._cover(mask)
-        return self._loop(window + start, size, mask >> shift, key, True) << shift
+        cover = self._covers.get(mask) or self._cover(mask)
+        start, size, shift = cover
+        return self._set(window + start, size, mask >> shift, key) << shift
 
     async def or_window_later(
         self, window: int, mask: int, key: int | None, exc: MemopError
@@ -168,16 +169,48 @@ class BitSetter:
             cover = self._covers[mask] = _covering(mask)
         return cover
 
-    def _loop(self, gaddr: int, size: int, bits: int, key: int | None, setting: bool) -> int:
-        """Set (or clear) ``bits`` without waiting; returns the value found before (or
-        the bits cleared).  ``-EAGAIN`` escapes as TransientError, having written nothing."""
+    def _set(self, gaddr: int, size: int, bits: int, key: int | None) -> int:
+        """:meth:`_loop` setting ``bits``, for the hot path: the first round (the guess
+        right: one cmpxchg) without the generic loop's branches."""
         where = (gaddr, size)
-        seen = self._seen.get(where, 0)
-        # Setting guesses the bits clear; clearing guesses them set (the
-        # engine clears only bits it has just set).
-        current = seen & ~bits if setting else seen | bits
+        current = self._seen.get(where, 0) & ~bits
+        self.stats.cmpxchg += 1
+        try:
+            exchanged, found = self.backend.cmpxchg(gaddr, size, current, current | bits, key)
+        except TransientError:
+            raise
+        except MemopError as exc:
+            raise OrFailure.of(exc, gaddr, size, key) from exc
+        if exchanged:
+            self._seen[where] = current | bits
+            return current
+        self.stats.no_xchg += 1
+        return self._loop(gaddr, size, bits, key, True, found, 1)
+
+    def _loop(
+        self,
+        gaddr: int,
+        size: int,
+        bits: int,
+        key: int | None,
+        setting: bool,
+        current: int | None = None,
+        rounds: int = 0,
+    ) -> int:
+        """Set (or clear) ``bits`` without waiting; returns the value found before (or
+        the bits cleared).  ``-EAGAIN`` escapes as TransientError, having written nothing.
+
+        ``current`` and ``rounds`` carry on a loop whose first compare failed.
+        """
+        where = (gaddr, size)
+        if current is None:
+            seen = self._seen.get(where, 0)
+            # Setting guesses the bits clear; clearing guesses them set (the
+            # engine clears only bits it has just set).
+            current = seen & ~bits if setting else seen | bits
         backend, stats = self.backend, self.stats
-        rounds = 0
+        if rounds >= self.policy.max_no_xchg_rounds:
+            raise OrFailure("NO_XCHG_LIMIT", f"no exchange after {rounds} rounds", gaddr, size, key)
         while (current & bits != bits) if setting else (current & bits):
             new = current | bits if setting else current & ~bits
             stats.cmpxchg += 1

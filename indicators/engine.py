@@ -320,21 +320,20 @@ class Engine:
         try:
             waiting = coro.send(None)
         except StopIteration:
-            self._eager = False
-            self._settled(batch)
-            if self._pending:  # queued by a listener while the batch ran
-                self._flusher = asyncio.create_task(self._flush())
+            # Settled; nobody waits on a future: only the latency to record.
+            self.stats.latency.observe(time.perf_counter() - ticket.accepted, len(ticket.entries))
             return ticket.errors
         except BaseException as exc:
-            self._eager = False
             self._fail_internal(batch, exc)
-            if self._pending:
-                self._flusher = asyncio.create_task(self._flush())
             raise
-        self._eager = False
-        future = ticket.future = asyncio.get_running_loop().create_future()
-        self._flusher = asyncio.create_task(self._flush(_Resumed(coro, waiting), batch))
-        return future
+        else:
+            future = ticket.future = asyncio.get_running_loop().create_future()
+            self._flusher = asyncio.create_task(self._flush(_Resumed(coro, waiting), batch))
+            return future
+        finally:
+            self._eager = False
+            if self._pending and self._flusher is None:  # queued by a listener meanwhile
+                self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(
         self, started: Awaitable[None] | None = None, batch: list[Ticket] | None = None
