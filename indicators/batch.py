@@ -65,7 +65,8 @@ Where = Literal["dsci", "summary", "engine"]
 
 # A 16-byte window and the access key a cmpxchg on it runs under.
 _WindowKey = tuple[int, int | None]
-_NO_FAILURES: dict[int, OrFailure] = {}
+_NO_FAILURES: dict[int, OrFailure] = {}  # read only
+_NO_DEVICES: set[Device] = set()  # read only
 
 
 class NotifyError(Exception):
@@ -255,9 +256,17 @@ class BatchWriter:
 
     def _check_summaries(self, batch: list[Ticket], counts: dict[Target, int]) -> set[Device]:
         """Step 1: the devices whose summary cannot be stored (their notifications fail)."""
+        check = self.setter.check
+        if len(counts) == 1:  # the batch of one: no bookkeeping of what was checked
+            (target,) = counts
+            try:
+                check(target.skey[0], 1, target.skey[1])
+                return _NO_DEVICES
+            except OrFailure as refusal:
+                self._fail_where(batch, refusal, "summary", _of_device(target.device))
+                return {target.device}
         checked: dict[tuple[int, int | None], OrFailure | None] = {}  # summary byte, key
         refused: set[Device] = set()
-        check = self.setter.check
         for target in counts:
             where = target.skey
             if where in checked:
