@@ -59,6 +59,10 @@ __all__ = ["Engine", "EngineEvent", "NotifyError"]
 
 log = logging.getLogger(__name__)
 
+#: Eager batches one task may run in a row before one of its notifications is
+#: queued (and the task yields to the event loop).
+EAGER_STREAK = 256
+
 
 @dataclass(frozen=True, slots=True)
 class EngineEvent:
@@ -127,6 +131,8 @@ class Engine:
         self._pending: list[Ticket] = []
         self._flusher: asyncio.Task[None] | None = None
         self._eager = False  # a batch is being applied in a caller's callback
+        self._streak_task: asyncio.Task[Any] | None = None  # the task of the last eager batch
+        self._streak = 0  # its eager batches since the loop last turned for the engine
         self._running = asyncio.Event()
         self._running.set()
         self._listeners: list[Callable[[EngineEvent], None]] = []
@@ -184,7 +190,9 @@ class Engine:
         Returns the per-item outcome (as :meth:`notify_many`) when the batch
         was applied in this call - the engine was idle (nothing pending, no
         flush running, not held, available) and nothing had to wait - or a
-        future of it.  For sources that live in callbacks (eventfds, the
+        future of it.  A task that notifies in a tight loop is queued once
+        every :data:`EAGER_STREAK` batches, so that it cannot keep the event
+        loop from everything else.  For sources that live in callbacks (eventfds, the
         control socket): an idle engine costs them no task and no loop pass.
         Raises ValueError as :meth:`notify_many` does.
         """
@@ -203,7 +211,18 @@ class Engine:
         self.stats.notifications += len(entries)
         ticket = Ticket(entries)
         if self._flusher is None and not self._eager and self._running.is_set():
-            return self._apply_now(ticket)
+            # An await that never suspends lets one task keep the loop: after
+            # EAGER_STREAK eager batches in a row from the same task, its next
+            # one is queued, so that task yields once and the loop turns
+            # (eventfd callbacks are no task: the loop turns after each).
+            task = asyncio.current_task()
+            if task is None:
+                return self._apply_now(ticket)
+            if task is not self._streak_task:
+                self._streak_task, self._streak = task, 0
+            self._streak += 1
+            if self._streak <= EAGER_STREAK:
+                return self._apply_now(ticket)
         # A flush is running (or held): queue, so a burst coalesces into its next batch.
         future = ticket.future = asyncio.get_running_loop().create_future()
         self._pending.append(ticket)
@@ -339,6 +358,7 @@ class Engine:
         self, started: Awaitable[None] | None = None, batch: list[Ticket] | None = None
     ) -> None:
         """Apply pending batches until none is left (first finishing ``started``)."""
+        self._streak = 0  # the loop has turned
         try:
             if started is not None and batch is not None:
                 await self._settle(batch, started)

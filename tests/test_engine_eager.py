@@ -12,7 +12,7 @@ import pytest
 from indicators.adapters import AdapterModel, build_model
 from indicators.config import RetryPolicy, parse_config
 from indicators.daemon.eventfds import EventfdSources
-from indicators.engine import Engine, EngineEvent
+from indicators.engine import EAGER_STREAK, Engine, EngineEvent
 from indicators.memop import CmpxchgResult, EmulatedBackend, MemopBackend, TransientError
 from indicators.sinks import QueueSink
 
@@ -190,3 +190,22 @@ async def test_a_listener_notifying_during_an_eager_batch_is_queued_then_applied
     assert isinstance(queued, asyncio.Future), "the engine was not idle: queued"
     assert await asyncio.wait_for(queued, 10) == [None]
     assert backend.read(0x205, 1) == b"\x80"
+
+
+async def test_a_task_notifying_in_a_tight_loop_yields_every_eager_streak() -> None:
+    model, backend = make()
+    engine = Engine(model, backend, QueueSink())
+    other_ran = asyncio.Event()
+
+    async def other() -> None:  # sets the flag as soon as the loop runs it
+        other_ran.set()
+
+    task = asyncio.create_task(other())
+    seen_at = None
+    for i in range(2 * EAGER_STREAK):
+        await engine.notify("d", i % 64)
+        if other_ran.is_set() and seen_at is None:
+            seen_at = i
+    await task
+    assert seen_at == EAGER_STREAK, "eager (no suspension) until the streak, then one yield"
+    assert engine.stats.applied == 2 * EAGER_STREAK
