@@ -135,33 +135,51 @@ class Target:
     """
 
     __slots__ = (
-        "alone", "byte", "device", "image", "salone", "simage", "skey", "sshift", "stest",
-        "swkey", "vector", "wkey",
+        "byte", "device", "image", "simage", "skey", "sshift", "stest", "swkey", "vector", "wkey",
     )  # fmt: skip
+    #: The 16-byte window of the dsci bit and the key the cmpxchg runs under.
+    wkey: _WindowKey
+    #: The bit placed in the window's 128-bit big-endian image.
+    image: int
+    #: The summary bit in its window's image, the window and key, the summary
+    #: byte and key its store is checked under, where that byte sits in the
+    #: image, and what of the old byte says "was clear" (the byte, as QEMU;
+    #: the bit, as KVM).
+    simage: int
+    swkey: _WindowKey
+    skey: tuple[int, int | None]
+    sshift: int
+    stest: int
 
-    def __init__(self, device: Device, vector: int) -> None:
+    def __init__(self, device: Device, vector: int, first: Target | None = None) -> None:
         bit = device.dsci[vector]
         window, image = window_image(bit.gaddr, bit.mask)
         self.device = device
         self.vector = vector
         self.byte = bit.gaddr
-        #: The 16-byte window of the dsci bit and the key the cmpxchg runs under.
-        self.wkey: _WindowKey = (window, device.key)
-        #: The bit placed in the window's 128-bit big-endian image.
+        self.wkey = (window, device.key)
+        if first is not None and first.wkey == self.wkey:
+            self.wkey = first.wkey  # one object per window: a model of 8,000 devices stays small
         self.image = image
+        if first is not None:  # the device's summary: share its values
+            self.simage, self.swkey, self.skey = first.simage, first.swkey, first.skey
+            self.sshift, self.stest = first.sshift, first.stest
+            return
         summary = device.summary
         swindow, self.simage = window_image(summary.gaddr, summary.mask)
-        #: The summary's window and key, where its byte sits in the image, and
-        #: what of the old byte says "was clear" (the byte, as QEMU; the bit, as KVM).
-        self.swkey: _WindowKey = (swindow, device.key)
-        #: The summary byte and the key its store is checked under.
+        self.swkey = (swindow, device.key)
         self.skey = (summary.gaddr, device.key)
         self.sshift = (15 - (summary.gaddr & 15)) << 3
         self.stest = 0xFF if device.summary_test == "byte" else summary.mask
-        #: The dsci and summary groups of a batch of this target alone (see
-        #: :func:`_groups`): made once, so the eager path's batch of one reuses them.
-        self.alone: dict[_WindowKey, list[Any]] = {self.wkey: [image, [self]]}
-        self.salone: dict[_WindowKey, list[Any]] = {self.swkey: [self.simage, [self]]}
+
+    @classmethod
+    def all_of(cls, device: Device) -> dict[int, Target]:
+        """Every vector's target of ``device``, by vector."""
+        first = cls(device, 0)
+        targets = {0: first}
+        for vector in range(1, device.vectors):
+            targets[vector] = cls(device, vector, first)
+        return targets
 
 
 class Ticket:
@@ -447,8 +465,6 @@ def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[Target], bool]:
 
 def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[_WindowKey, list[Any]]:
     """The dsci targets by window and key: ``[image of their bits, targets]``."""
-    if len(counts) == 1 and not refused:
-        return next(iter(counts)).alone  # the batch of one: made once, read only
     groups: dict[_WindowKey, list[Any]] = {}
     for target in counts:
         if refused and target.device in refused:
@@ -465,8 +481,6 @@ def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[_WindowKey,
 def _summary_groups(written: dict[Target, bool]) -> dict[_WindowKey, list[Any]]:
     """One target per device with a bit in memory, by summary window and key:
     ``[image of their summary bits, targets]``."""
-    if len(written) == 1:
-        return next(iter(written)).salone
     groups: dict[_WindowKey, list[Any]] = {}
     devices: set[Device] = set()
     for target in written:

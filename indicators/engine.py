@@ -140,8 +140,7 @@ class Engine:
         # Per device name, per vector: the shared target (a dict, so that a
         # negative or too large vector is a KeyError like an unknown name).
         self._targets: dict[str, dict[int, Target]] = {
-            device.name: {vector: Target(device, vector) for vector in range(device.vectors)}
-            for device in model.devices.values()
+            device.name: Target.all_of(device) for device in model.devices.values()
         }
 
     # ------------------------------------------------------------- public API
