@@ -85,6 +85,7 @@ class EngineStats:
     interrupts_injected: int = 0
     interrupts_suppressed: int = 0
     interrupts_coalesced: int = 0  # decisions folded into another interrupt of the batch
+    interrupts_failed: int = 0  # injections the sink refused (their notifications are applied)
     undone: int = 0  # dsci bits cleared again because their summary could not be set
     stranded: int = 0  # such bits that could not be cleared (left behind a clear summary)
     failures: Counter[str] = field(default_factory=Counter)  # failed notifications, by code
@@ -102,7 +103,7 @@ class EngineStats:
         self._adapter(adapter_id).notifications += count
 
     def fail(self, code: str, adapter_id: int) -> None:
-        """Count a failed notification (or injection) with ``code``."""
+        """Count a failed notification with ``code``."""
         self.failures[code] += 1
         self._adapter(adapter_id).failures += 1
 
@@ -128,6 +129,7 @@ class EngineStats:
             "interrupts-injected": self.interrupts_injected,
             "interrupts-suppressed": self.interrupts_suppressed,
             "interrupts-coalesced": self.interrupts_coalesced,
+            "interrupts-failed": self.interrupts_failed,
             "undone": self.undone,
             "stranded": self.stranded,
             "failures": dict(self.failures),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 from typing import Any
@@ -290,6 +291,7 @@ async def test_eagain_bound_is_the_policy() -> None:
     with pytest.raises(NotifyError) as info:
         await engine.notify("v", 0)
     assert info.value.code == "EAGAIN" and engine.stats.cmpxchg == 5
+    assert info.value.errno == errno.EAGAIN and info.value.where == "dsci"
     assert backend.read(0x100, 1) == b"\x00"
 
 

@@ -225,3 +225,40 @@ async def test_dsci_failure_names_the_dsci_and_sets_no_summary() -> None:
         await engine.notify("a", 0)
     assert (info.value.where, info.value.gaddr, info.value.code) == ("dsci", 0x2200, "4")
     assert backend.memory.snapshot() == before
+
+
+# ------------------------------------------------------------- the counters
+
+
+class RefusingSink(QueueSink):
+    def inject(self, adapter: Any) -> None:
+        raise OSError(errno.EBUSY, "FLIC busy")
+
+
+async def test_a_refused_injection_is_not_a_failed_notification() -> None:
+    model, backend = make([virtio("a", 0x1100, 0x2200, 8, key=None)])
+    engine = Engine(model, backend, RefusingSink())
+    await engine.notify("a", 0)  # acknowledged: bit and summary are in memory
+    assert backend.read(0x2200, 1) == b"\x80" and backend.read(0x1100, 1) == b"\x01"
+    stats = engine.stats
+    assert (stats.applied, stats.interrupts_failed, stats.failures) == (1, 1, {})
+    assert stats.as_dict()["interrupts-failed"] == 1
+
+
+async def test_notifications_are_applied_or_failed_by_code() -> None:
+    model, backend = make(
+        [virtio("ok", 0x1100, 0x2200, 8, key=3), virtio("locked", 0x3100, 0x3200, 8, key=3)]
+    )
+    backend.set_storage_key(SUMMARY_PAGE, 0x30)
+    backend.set_storage_key(DSCI_PAGE, 0x30)
+    backend.set_storage_key(0x3000, 0x50)
+    engine = Engine(model, backend, QueueSink())
+    errors = await engine.notify_many([("ok", 1), ("locked", 1), ("ok", 1), ("locked", 2)])
+    assert [e is None for e in errors] == [True, False, True, False]
+    engine.set_unavailable("QEMU stopped")
+    await engine.notify_many([("ok", 2)])
+    stats = engine.stats.as_dict()
+    assert (stats["notifications"], stats["applied"], stats["merged"]) == (4, 2, 1)
+    assert stats["failures"] == {"4": 2, "UNAVAILABLE": 1}
+    assert stats["adapters"]["3"] == {"notifications": 2, "interrupts": 1, "suppressed": 0,
+                                      "failures": 3}  # fmt: skip
