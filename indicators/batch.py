@@ -1,8 +1,8 @@
 """One batch of notifications written into guest memory, all or nothing per notification.
 
-:class:`BatchWriter` takes a batch of :class:`Ticket` objects (each a
-caller's list of :class:`Target`, one device's one vector) and writes what
-QEMU and KVM write, in their order:
+:class:`BatchWriter` takes a batch of tickets (each a caller's list of
+targets, one device's one vector; see :mod:`indicators.notification`) and
+writes what QEMU and KVM write, in their order:
 
 1. **check**: the store access of every summary the batch will set is
    checked once (``backend.check``, the memop's ``F_CHECK_ONLY``), before
@@ -44,161 +44,24 @@ The race that remains, and what the service does then:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from .adapters import Adapter, Device
-from .bitor import BitSetter, OrFailure, window_image
+from .bitor import BitSetter, OrFailure
 from .memop import TransientError
+from .notification import NotifyError, Target, Ticket, Where, WindowKey
 from .stats import EngineStats
 
-__all__ = ["BatchWriter", "NotifyError", "Target", "Ticket"]
+__all__ = ["BatchWriter"]
 
 log = logging.getLogger(__name__)
 
-#: Where a notification failed: its dsci bit, its summary, or before either.
-Where = Literal["dsci", "summary", "engine"]
-
-# A 16-byte window and the access key a cmpxchg on it runs under.
-_WindowKey = tuple[int, int | None]
-_NO_FAILURES: dict[int, OrFailure] = {}  # read only
-_NO_DEVICES: set[Device] = set()  # read only
-
-
-class NotifyError(Exception):
-    """A notification that could not be applied (guest memory is as it was).
-
-    ``code`` is the program interruption code (``"4"``, ``"5"``), the errno
-    name (``"EINVAL"``, ``"EAGAIN"``), ``"NO_XCHG_LIMIT"``, ``"UNAVAILABLE"``
-    or ``"INTERNAL"``; ``errno`` the errno number when the backend gave one;
-    ``where`` which access failed (``"dsci"``, ``"summary"``, or
-    ``"engine"`` when none was tried); ``gaddr``, ``size`` and ``key`` that
-    access; ``cause`` the backend's error when there was one.
-    """
-
-    def __init__(
-        self,
-        device: str,
-        vector: int,
-        code: str,
-        desc: str,
-        *,
-        where: Where = "engine",
-        gaddr: int | None = None,
-        size: int | None = None,
-        key: int | None = None,
-        errno: int | None = None,
-        cause: BaseException | None = None,
-    ) -> None:
-        self.device = device
-        self.vector = vector
-        self.code = code
-        self.desc = desc
-        self.where = where
-        self.gaddr = gaddr
-        self.size = size
-        self.key = key
-        self.errno = errno
-        self.cause = cause
-        text = f"device {device!r} vector {vector}: "
-        if gaddr is not None:
-            shown = "none" if key is None else key
-            text += f"{where} at gaddr {gaddr:#x} size {size} key {shown}: "
-        super().__init__(f"{text}{desc} (code {code})")
-
-    @classmethod
-    def of(cls, failure: OrFailure, target: Target, where: Where, note: str = "") -> NotifyError:
-        """The error of ``target``'s notification, failed by ``failure`` at ``where``."""
-        return cls(
-            target.device.name,
-            target.vector,
-            failure.code,
-            failure.desc + note,
-            where=where,
-            gaddr=failure.gaddr,
-            size=failure.size,
-            key=failure.key,
-            errno=failure.errno,
-            cause=failure.cause,
-        )
-
-
-class Target:
-    """One (device, vector) with its addresses worked out, shared by every notification of it.
-
-    Identity-hashed, so counting a burst's notifications per target is a
-    C-speed ``Counter.update``.
-    """
-
-    __slots__ = (
-        "byte", "device", "image", "simage", "skey", "sshift", "stest", "swkey", "vector", "wkey",
-    )  # fmt: skip
-    #: The 16-byte window of the dsci bit and the key the cmpxchg runs under.
-    wkey: _WindowKey
-    #: The bit placed in the window's 128-bit big-endian image.
-    image: int
-    #: The summary bit in its window's image, the window and key, the summary
-    #: byte and key its store is checked under, where that byte sits in the
-    #: image, and what of the old byte says "was clear" (the byte, as QEMU;
-    #: the bit, as KVM).
-    simage: int
-    swkey: _WindowKey
-    skey: tuple[int, int | None]
-    sshift: int
-    stest: int
-
-    def __init__(self, device: Device, vector: int, first: Target | None = None) -> None:
-        bit = device.dsci[vector]
-        window, image = window_image(bit.gaddr, bit.mask)
-        self.device = device
-        self.vector = vector
-        self.byte = bit.gaddr
-        self.wkey = (window, device.key)
-        if first is not None and first.wkey == self.wkey:
-            self.wkey = first.wkey  # one object per window: a model of 8,000 devices stays small
-        self.image = image
-        if first is not None:  # the device's summary: share its values
-            self.simage, self.swkey, self.skey = first.simage, first.swkey, first.skey
-            self.sshift, self.stest = first.sshift, first.stest
-            return
-        summary = device.summary
-        swindow, self.simage = window_image(summary.gaddr, summary.mask)
-        self.swkey = (swindow, device.key)
-        self.skey = (summary.gaddr, device.key)
-        self.sshift = (15 - (summary.gaddr & 15)) << 3
-        self.stest = 0xFF if device.summary_test == "byte" else summary.mask
-
-    @classmethod
-    def all_of(cls, device: Device) -> dict[int, Target]:
-        """Every vector's target of ``device``, by vector."""
-        first = cls(device, 0)
-        targets = {0: first}
-        for vector in range(1, device.vectors):
-            targets[vector] = cls(device, vector, first)
-        return targets
-
-
-class Ticket:
-    """One caller's notifications: each is applied or failed within one batch."""
-
-    __slots__ = ("accepted", "entries", "errors", "future")
-
-    def __init__(self, entries: list[Target]) -> None:
-        self.entries = entries
-        self.errors: list[NotifyError | None] = [None] * len(entries)
-        #: Made only when the caller has to wait (the eager path needs none).
-        self.future: asyncio.Future[list[NotifyError | None]] | None = None
-        self.accepted = time.perf_counter()
-
-    def resolve(self) -> None:
-        """Hand the outcome to a waiting caller."""
-        future = self.future
-        if future is not None and not future.done():
-            future.set_result(self.errors)
+# Read-only empties for the common case of a batch with no failure.
+_NO_FAILURES: dict[int, OrFailure] = {}
+_NO_DEVICES: set[Device] = set()
 
 
 class BatchWriter:
@@ -303,7 +166,7 @@ class BatchWriter:
     def _dsci_done(
         self,
         batch: list[Ticket],
-        wkey: _WindowKey,
+        wkey: WindowKey,
         members: list[Target],
         old: int,
         failed: dict[int, OrFailure],
@@ -361,7 +224,7 @@ class BatchWriter:
     # ---------------------------------------------------------------- helpers
 
     async def _or_slowly(
-        self, wkey: _WindowKey, mask: int, exc: Exception
+        self, wkey: WindowKey, mask: int, exc: Exception
     ) -> tuple[int, dict[int, OrFailure]]:
         """The road for a window whose OR met ``-EAGAIN`` or failed (``exc``): back off
         and retry, then, if it still fails, go byte by byte."""
@@ -375,7 +238,7 @@ class BatchWriter:
         raise exc
 
     async def _bytewise(
-        self, wkey: _WindowKey, mask: int, first: OrFailure
+        self, wkey: WindowKey, mask: int, first: OrFailure
     ) -> tuple[int, dict[int, OrFailure]]:
         """A window's OR failed (writing nothing): retry byte by byte, so that one byte
         that cannot be set does not fail its neighbours.
@@ -406,7 +269,7 @@ class BatchWriter:
         """Clear the dsci bits this batch turned on for the devices whose summary failed,
         one cmpxchg per window; returns, per device, a note for its notifications'
         errors when its bits could not be cleared."""
-        groups: dict[_WindowKey, list[Any]] = {}  # window -> [mask, devices]
+        groups: dict[WindowKey, list[Any]] = {}  # window -> [mask, devices]
         for target, turned_on in written.items():
             if turned_on and target.device in lost:
                 group = groups.get(target.wkey)
@@ -458,14 +321,14 @@ def _of_device(device: Device) -> Callable[[Target], bool]:
     return lambda entry: entry.device is device
 
 
-def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[Target], bool]:
+def _in_byte(wkey: WindowKey, gaddr: int) -> Callable[[Target], bool]:
     """Targets whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
     return lambda entry: entry.wkey == wkey and entry.byte == gaddr
 
 
-def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[_WindowKey, list[Any]]:
+def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[WindowKey, list[Any]]:
     """The dsci targets by window and key: ``[image of their bits, targets]``."""
-    groups: dict[_WindowKey, list[Any]] = {}
+    groups: dict[WindowKey, list[Any]] = {}
     for target in counts:
         if refused and target.device in refused:
             continue
@@ -478,10 +341,10 @@ def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[_WindowKey,
     return groups
 
 
-def _summary_groups(written: dict[Target, bool]) -> dict[_WindowKey, list[Any]]:
+def _summary_groups(written: dict[Target, bool]) -> dict[WindowKey, list[Any]]:
     """One target per device with a bit in memory, by summary window and key:
     ``[image of their summary bits, targets]``."""
-    groups: dict[_WindowKey, list[Any]] = {}
+    groups: dict[WindowKey, list[Any]] = {}
     devices: set[Device] = set()
     for target in written:
         device = target.device

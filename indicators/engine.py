@@ -47,10 +47,11 @@ from typing import Any
 
 from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
 from .adapters import Adapter, AdapterModel, Device
-from .batch import BatchWriter, NotifyError, Target, Ticket
+from .batch import BatchWriter
 from .bitor import BitSetter
 from .config import RetryPolicy
 from .memop import MemopBackend
+from .notification import NotifyError, Target, Ticket
 from .sinks import InterruptSink
 from .stats import EngineStats
 
