@@ -342,6 +342,10 @@ class Engine:
             # Settled; nobody waits on a future: only the latency to record.
             self.stats.latency.observe(time.perf_counter() - ticket.accepted, len(ticket.entries))
             return ticket.errors
+        except Exception as exc:  # a bug: the caller gets INTERNAL errors, as from a flush
+            log.exception("engine: applying a batch failed")
+            self._fail_internal(batch, exc)
+            return ticket.errors
         except BaseException as exc:
             self._fail_internal(batch, exc)
             raise
@@ -393,6 +397,7 @@ class Engine:
                     error = NotifyError(entry.device.name, entry.vector, "INTERNAL",
                                         f"engine: {exc!r}")  # fmt: skip
                     ticket.errors[index] = error
+                    self.stats.fail(error.code, entry.device.adapter.id)
             ticket.resolve()
 
     def _failed(self, entry: Target, error: NotifyError) -> None:

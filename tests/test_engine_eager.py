@@ -209,3 +209,22 @@ async def test_a_task_notifying_in_a_tight_loop_yields_every_eager_streak() -> N
     await task
     assert seen_at == EAGER_STREAK, "eager (no suspension) until the streak, then one yield"
     assert engine.stats.applied == 2 * EAGER_STREAK
+
+
+async def test_a_bug_in_an_eager_batch_fails_it_as_internal_and_the_engine_goes_on() -> None:
+    model, backend = make()
+    engine = Engine(model, backend, QueueSink())
+    calls = 0
+
+    def buggy_on_due(*_: Any) -> None:  # a bug in the last step, once
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+
+    engine.writer.on_due = buggy_on_due
+    (error,) = engine.notify_nowait([("d", 0)])  # type: ignore[misc]
+    assert error is not None and error.code == "INTERNAL" and "a bug" in str(error)
+    assert engine.stats.failures == {"INTERNAL": 1}
+    backend.write(0x100, b"\x00")
+    assert engine.notify_nowait([("d", 1)]) == [None], "idle again, eager again"
