@@ -69,9 +69,8 @@ class BatchWriter:
     and ``on_due`` of every adapter due an interrupt (the engine decides suppression
     and delivers).
 
-    ``set_counts``, when
-    not None, counts per (device, vector) the applied notifications that
-    found their bit clear and set it.
+    ``set_counts``, when not None, counts per (device, vector) the applied
+    notifications that found their bit clear and set it.
     """
 
     def __init__(
