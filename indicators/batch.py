@@ -93,7 +93,8 @@ class BatchWriter:
         Each OR is tried without waiting first and only a failure or
         ``-EAGAIN`` takes the slow road, so that a batch that meets neither
         (an idle engine's batch of one, above all) runs through without a
-        single suspension and without a coroutine per step.
+        single suspension and without a coroutine per step.  Only one pass
+        goes over every target; the rest go over windows and devices.
         """
         if len(batch) == 1 and len(batch[0].entries) == 1:
             counts: dict[Target, int] = {batch[0].entries[0]: 1}  # the eager batch of one
@@ -101,53 +102,55 @@ class BatchWriter:
             counts = Counter()
             for ticket in batch:
                 counts.update(ticket.entries)
+        groups, firsts, per_adapter = _plan(counts)
         or_now = self.setter.or_window_now
         # Step 1: check the summaries' stores.
-        refused = self._check_summaries(batch, counts)
+        refused = self._check_summaries(batch, firsts)
         # Step 2: the dsci bits.
         written: dict[Target, bool] = {}
-        for wkey, (mask, members) in _groups(counts, refused).items():
+        clean = not refused  # so far every notification of the batch is on its way
+        for wkey, (mask, members) in groups.items():
+            if refused:
+                members = [target for target in members if target.device not in refused]
+                if not members:
+                    continue
+                mask = _image(members)
             try:
                 old, failed = or_now(wkey[0], mask, wkey[1]), _NO_FAILURES
             except (TransientError, OrFailure) as exc:
                 old, failed = await self._or_slowly(wkey, mask, exc)
+                clean = clean and not failed
             self._dsci_done(batch, wkey, members, old, failed, written)
         # Step 3: the summaries of the devices with a bit in memory.
+        reached = firsts if clean else _firsts(written)
         due: dict[int, Adapter] = {}
         lost: dict[Device, OrFailure] = {}
-        for swkey, (smask, members) in _summary_groups(written).items():
+        for swkey, (smask, members) in _summary_groups(reached).items():
             try:
                 old, failed = or_now(swkey[0], smask, swkey[1]), _NO_FAILURES
             except (TransientError, OrFailure) as exc:
                 old, failed = await self._or_slowly(swkey, smask, exc)
             self._summary_done(members, old, failed, due, lost)
         if lost:
+            clean = False
             notes = await self._undo(lost, written)
             for device, failure in lost.items():
                 note = notes.get(device, "")
                 self._fail_where(batch, failure, "summary", _of_device(device), note)
         # Step 4: count what is acknowledged; the interrupts, one per adapter.
-        self._count(counts, written, lost)
+        self._count(counts, written, lost, per_adapter if clean else None)
         on_due = self.on_due
         for adapter in due.values():
             on_due(adapter)
 
     # ----------------------------------------------------------------- steps
 
-    def _check_summaries(self, batch: list[Ticket], counts: dict[Target, int]) -> set[Device]:
+    def _check_summaries(self, batch: list[Ticket], firsts: dict[Device, Target]) -> set[Device]:
         """Step 1: the devices whose summary cannot be stored (their notifications fail)."""
         check = self.setter.check
-        if len(counts) == 1:  # the batch of one: no bookkeeping of what was checked
-            (target,) = counts
-            try:
-                check(target.skey[0], 1, target.skey[1])
-                return _NO_DEVICES
-            except OrFailure as refusal:
-                self._fail_where(batch, refusal, "summary", _of_device(target.device))
-                return {target.device}
         checked: dict[tuple[int, int | None], OrFailure | None] = {}  # summary byte, key
-        refused: set[Device] = set()
-        for target in counts:
+        refused: set[Device] = _NO_DEVICES
+        for device, target in firsts.items():
             where = target.skey
             if where in checked:
                 failure = checked[where]
@@ -157,9 +160,11 @@ class BatchWriter:
                     failure = checked[where] = None
                 except OrFailure as exc:
                     failure = checked[where] = exc
-            if failure is not None and target.device not in refused:
-                refused.add(target.device)
-                self._fail_where(batch, failure, "summary", _of_device(target.device))
+            if failure is not None:
+                if not refused:
+                    refused = set()
+                refused.add(device)
+                self._fail_where(batch, failure, "summary", _of_device(device))
         return refused
 
     def _dsci_done(
@@ -173,11 +178,12 @@ class BatchWriter:
     ) -> None:
         """Step 2, one window: fail the bytes that failed; note which bits this batch
         turned on (the ones found clear) for the counts and for an undo."""
-        for gaddr, failure in failed.items():
-            self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
+        if failed:
+            for gaddr, failure in failed.items():
+                self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
+            members = [target for target in members if target.byte not in failed]
         for target in members:
-            if target.byte not in failed:
-                written[target] = not old & target.image
+            written[target] = not old & target.image
 
     def _summary_done(
         self,
@@ -200,25 +206,38 @@ class BatchWriter:
                 due[adapter.id] = adapter
 
     def _count(
-        self, counts: dict[Target, int], written: dict[Target, bool], lost: dict[Device, OrFailure]
+        self,
+        counts: dict[Target, int],
+        written: dict[Target, bool],
+        lost: dict[Device, OrFailure],
+        per_adapter: dict[int, int] | None,
     ) -> None:
-        """Step 4: count the acknowledged notifications (and only those)."""
+        """Step 4: count the acknowledged notifications (and only those).
+
+        ``per_adapter`` (the batch's counts per adapter) is given when every
+        notification of the batch was acknowledged: then no target is looked at.
+        """
         stats = self.stats
-        set_counts = self.set_counts
-        per_adapter: dict[int, int] = {}
-        for target, turned_on in written.items():
-            device = target.device
-            if lost and device in lost:
-                continue
-            count = counts[target]
-            stats.applied += count
-            stats.merged += count - 1
-            aid = device.adapter.id
-            per_adapter[aid] = per_adapter.get(aid, 0) + count
-            if set_counts is not None and turned_on:
-                set_counts[(device.name, target.vector)] += 1
+        if per_adapter is None:
+            per_adapter = {}
+            for target in written:
+                if lost and target.device in lost:
+                    continue
+                count = counts[target]
+                stats.applied += count
+                stats.merged += count - 1
+                per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
+        else:
+            total = sum(per_adapter.values())
+            stats.applied += total
+            stats.merged += total - len(counts)
         for aid, count in per_adapter.items():
             stats.applied_to(aid, count)
+        set_counts = self.set_counts
+        if set_counts is not None:
+            for target, turned_on in written.items():
+                if turned_on and not (lost and target.device in lost):
+                    set_counts[(target.device.name, target.vector)] += 1
 
     # ---------------------------------------------------------------- helpers
 
@@ -325,31 +344,50 @@ def _in_byte(wkey: WindowKey, gaddr: int) -> Callable[[Target], bool]:
     return lambda entry: entry.wkey == wkey and entry.byte == gaddr
 
 
-def _groups(counts: dict[Target, int], refused: set[Device]) -> dict[WindowKey, list[Any]]:
-    """The dsci targets by window and key: ``[image of their bits, targets]``."""
+def _plan(
+    counts: dict[Target, int],
+) -> tuple[dict[WindowKey, list[Any]], dict[Device, Target], dict[int, int]]:
+    """The one pass over every target: the dsci targets by window and key
+    (``[image of their bits, targets]``), the first target of each device, and
+    the notifications per adapter."""
     groups: dict[WindowKey, list[Any]] = {}
-    for target in counts:
-        if refused and target.device in refused:
-            continue
+    firsts: dict[Device, Target] = {}
+    per_adapter: dict[int, int] = {}
+    for target, count in counts.items():
         group = groups.get(target.wkey)
         if group is None:
             groups[target.wkey] = [target.image, [target]]
         else:
             group[0] |= target.image
             group[1].append(target)
-    return groups
+        if target.device not in firsts:
+            firsts[target.device] = target
+        per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
+    return groups, firsts, per_adapter
 
 
-def _summary_groups(written: dict[Target, bool]) -> dict[WindowKey, list[Any]]:
-    """One target per device with a bit in memory, by summary window and key:
-    ``[image of their summary bits, targets]``."""
-    groups: dict[WindowKey, list[Any]] = {}
-    devices: set[Device] = set()
+def _image(targets: list[Target]) -> int:
+    """The window image of these targets' dsci bits."""
+    mask = 0
+    for target in targets:
+        mask |= target.image
+    return mask
+
+
+def _firsts(written: dict[Target, bool]) -> dict[Device, Target]:
+    """The first target of each device with a bit in memory."""
+    firsts: dict[Device, Target] = {}
     for target in written:
-        device = target.device
-        if device in devices:
-            continue
-        devices.add(device)
+        if target.device not in firsts:
+            firsts[target.device] = target
+    return firsts
+
+
+def _summary_groups(firsts: dict[Device, Target]) -> dict[WindowKey, list[Any]]:
+    """The devices by summary window and key: ``[image of their summary bits, a target
+    of each]``."""
+    groups: dict[WindowKey, list[Any]] = {}
+    for target in firsts.values():
         group = groups.get(target.swkey)
         if group is None:
             groups[target.swkey] = [target.simage, [target]]

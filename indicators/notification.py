@@ -91,8 +91,11 @@ class Target:
     """
 
     __slots__ = (
-        "byte", "device", "image", "simage", "skey", "sshift", "stest", "swkey", "vector", "wkey",
+        "aid", "byte", "device", "image", "simage", "skey", "sshift", "stest", "swkey", "vector",
+        "wkey",
     )  # fmt: skip
+    #: The device's adapter id (what the per-adapter counters are keyed by).
+    aid: int
     #: The 16-byte window of the dsci bit and the key the cmpxchg runs under.
     wkey: WindowKey
     #: The bit placed in the window's 128-bit big-endian image.
@@ -119,8 +122,9 @@ class Target:
         self.image = image
         if first is not None:  # the device's summary: share its values
             self.simage, self.swkey, self.skey = first.simage, first.swkey, first.skey
-            self.sshift, self.stest = first.sshift, first.stest
+            self.sshift, self.stest, self.aid = first.sshift, first.stest, first.aid
             return
+        self.aid = device.adapter.id
         summary = device.summary
         swindow, self.simage = window_image(summary.gaddr, summary.mask)
         self.swkey = (swindow, device.key)
