@@ -95,7 +95,7 @@ class BitSetter:
         self.stats = stats
         self._random = random.Random()
         # The last value seen per (gaddr, size): the next cmpxchg's guess.
-        self._seen: dict[tuple[int, int], int] = {}
+        self._seen: dict[int, int] = {}  # keyed by gaddr << 5 | size: an int hashes fast
         # Per window image: offset, size and shift of the access covering it.
         self._covers: dict[int, tuple[int, int, int]] = {}
 
@@ -172,7 +172,7 @@ class BitSetter:
     def _set(self, gaddr: int, size: int, bits: int, key: int | None) -> int:
         """:meth:`_loop` setting ``bits``, for the hot path: the first round (the guess
         right: one cmpxchg) without the generic loop's branches."""
-        where = (gaddr, size)
+        where = gaddr << 5 | size
         current = self._seen.get(where, 0) & ~bits
         self.stats.cmpxchg += 1
         try:
@@ -202,7 +202,7 @@ class BitSetter:
 
         ``current`` and ``rounds`` carry on a loop whose first compare failed.
         """
-        where = (gaddr, size)
+        where = gaddr << 5 | size
         if current is None:
             seen = self._seen.get(where, 0)
             # Setting guesses the bits clear; clearing guesses them set (the
