@@ -163,6 +163,25 @@ async def test_sske_between_check_and_store_takes_the_dsci_bits_back() -> None:
     )
 
 
+async def test_undo_takes_back_only_the_failed_devices_bits_of_a_shared_window() -> None:
+    # a and b share the dsci window 0x2200; only a's summary page is re-keyed.
+    model, inner = make(
+        [virtio("a", 0x1100, 0x2200, 8, key=3), virtio("b", 0x3100, 0x2201, 8, key=3)]
+    )
+    for page in (SUMMARY_PAGE, DSCI_PAGE, 0x3000):
+        inner.set_storage_key(page, 0x30)
+    backend = AfterCmpxchg(inner, 0x2200, lambda: inner.set_storage_key(SUMMARY_PAGE, 0x50))
+    sink = QueueSink()
+    engine = Engine(model, backend, sink)
+    engine.set_counts = Counter()
+    errors = await engine.notify_many([("a", 2), ("b", 3)])
+    assert errors[0] is not None and errors[0].where == "summary" and errors[1] is None
+    assert inner.read(0x2200, 2) == b"\x00\x10", "a's bit taken back, b's stays"
+    assert inner.read(0x3100, 1) == b"\x01" and sink.count[3] == 1
+    assert engine.set_counts == Counter({("b", 3): 1}) and engine.stats.applied == 1
+    assert engine.stats.undone == 1
+
+
 async def test_undo_leaves_bits_the_guest_already_consumed() -> None:
     model, inner = make([virtio("a", 0x1100, 0x2200, 8, key=3)])
     inner.set_storage_key(DSCI_PAGE, 0x30)
