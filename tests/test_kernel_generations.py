@@ -91,7 +91,8 @@ NON_TRANSIENT: dict[str, str] = {
 
 def _arrange(backend: EmulatedBackend, case: str) -> dict[str, Any]:
     if case == "protection by key":
-        backend.set_storage_key(0x1000, 0x30)  # the DSCI page has ACC 3, the device key 5
+        backend.set_storage_key(0x0, 0x50)  # the summary page matches the device key 5,
+        backend.set_storage_key(0x1000, 0x30)  # the DSCI page has ACC 3
         return virtio(key=5)
     if case == "protection forced":
         backend.faults = FaultInjector()
