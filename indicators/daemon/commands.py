@@ -121,14 +121,14 @@ def register_commands(server: QmpServer, service: Service) -> None:
     async def attach_eventfd(args: EventfdArgs, session: QmpSession) -> dict[str, Any]:
         fd = session.take_fd(args.fdname)  # a QmpCommandError names a missing fd
         try:
-            service.eventfds.attach(args.device, args.vector, fd, owner=session.number)
+            service.eventfds.attach(args.device, args.vector, fd, owner=session.credentials.uid)
         except (EventfdError, ValueError) as exc:
             raise _generic(str(exc)) from None
         return {}
 
     async def detach_eventfd(args: DetachArgs, session: QmpSession) -> dict[str, Any]:
         try:
-            service.eventfds.detach(args.device, args.vector)
+            service.eventfds.detach(args.device, args.vector, session.credentials.uid)
         except EventfdError as exc:
             raise _generic(str(exc)) from None
         return {}

@@ -153,6 +153,11 @@ class JsonFramer:
             frames.append(self._too_large())
         return frames
 
+    @property
+    def partial(self) -> bool:
+        """Whether bytes of a value not yet complete are buffered (whitespace is not)."""
+        return bool(self._buf[self._start :].strip())
+
     def _whole(self, data: bytes) -> object:
         """The value ``data`` holds if it is one valid JSON object (then whitespace) that
         the scanner would cut and :func:`decode_json` accept as is; else ``_NOT_WHOLE``.
