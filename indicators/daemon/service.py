@@ -35,6 +35,8 @@ from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
 from .commands import describe_device, register_commands
 from .eventfds import EventfdSources
+from .hostfiles import open_guest_ram
+from .loglimit import LogLimiter
 from .privileges import drop_to
 from .qmp_server import PeerCredentials, QmpServer
 from .sdnotify import Notifier
@@ -46,6 +48,9 @@ __all__ = ["Service"]
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/indicators/indicators.sock"
+
+# Lines that follow QEMU's or a client's behaviour are rate-limited.
+_LIMITER = LogLimiter(burst=5, period=60.0)
 
 
 class Service:
@@ -79,21 +84,21 @@ class Service:
 
     async def start(self) -> None:
         """Open the backend, start the engine, the VMM link and the control socket."""
-        ram_path = None
         if self.config.vmm is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
             self.vmm = VmmLink(
                 self.config.vmm, self, grace=self.config.vmm.disconnect_grace, scratch_dir=scratch
             )
             self.vmm.start()
-            if getattr(self.config.backend, "ram", None) == "auto":
-                await self.vmm.wait_connected(30.0)
-                ram_path = await self.vmm.ram_path()
-                self._ram_identity = _file_identity(ram_path)
-        self.wiring = open_backend(self.config.backend, ram_path)
-        if self.config.run_as is not None:
-            uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
-            log.info("running as uid %d gid %d", uid, gid)
+        if self._ram_auto:
+            # QEMU names the RAM file: open it with no more rights than run_as has.
+            self._drop_privileges()
+            assert self.vmm is not None
+            await self.vmm.wait_connected(30.0)
+            self.wiring, self._ram_identity, _ = await self._open_guest_ram()
+        else:
+            self.wiring = open_backend(self.config.backend)
+            self._drop_privileges()
         self.engine = Engine(*self._confined(self.model), self.wiring.sink, self.config.retry)
         self.engine.subscribe(self._on_engine_event)
         for reason in self._holds:
@@ -173,6 +178,33 @@ class Service:
         if self.wiring is not None:
             self.wiring.close()
             self.wiring = None
+
+    @property
+    def _ram_auto(self) -> bool:
+        return getattr(self.config.backend, "ram", None) == "auto"
+
+    def _drop_privileges(self) -> None:
+        if self.config.run_as is not None:
+            uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
+            log.info("running as uid %d gid %d", uid, gid)
+
+    async def _open_guest_ram(self) -> tuple[Wiring, tuple[int, int], str]:
+        """Map the RAM of the QEMU behind the VMM link (only as it hands it over);
+        returns the wiring, the file's (st_dev, st_ino) and the name QEMU gave."""
+        assert self.vmm is not None
+        path = await self.vmm.ram_path()
+        peer = self.vmm.peer()
+        size = self.config.backend.memory_size
+        fd = open_guest_ram(path, size, peer.pid if peer else None, peer.uid if peer else None)
+        try:
+            info = os.fstat(fd)
+            # The mapping is made through our fd, whatever the name leads to by now.
+            wiring = open_backend(self.config.backend, f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        if isinstance(wiring.backend, EmulatedBackend):
+            wiring.backend.memory.path = path  # the name QEMU gave, for reports
+        return wiring, (info.st_dev, info.st_ino), path
 
     def _engine(self) -> Engine | None:
         """The engine once :meth:`start` made it (VMM hooks may come earlier)."""
@@ -292,21 +324,12 @@ class Service:
         reach nobody.  The new guest also starts with fresh suppression state.
         """
         vmm = self.config.vmm
-        if (
-            self.wiring is None
-            or self.vmm is None
-            or vmm is None
-            or getattr(self.config.backend, "ram", None) != "auto"
-        ):
+        if self.wiring is None or self.vmm is None or vmm is None or not self._ram_auto:
             return
-        path = await self.vmm.ram_path()
-        identity = _file_identity(path)
+        new, identity, path = await self._open_guest_ram()  # HostFileError: the link retries
         if identity == self._ram_identity:
+            new.close()
             return
-        try:
-            new = open_backend(self.config.backend, path)
-        except OSError as exc:
-            raise RuntimeError(f"cannot map the new guest RAM {path}: {exc}") from exc
         old, self.wiring = self.wiring, Wiring(new.backend, self.wiring.sink, new.fds)
         self._ram_identity = identity
         engine = self._engine()
@@ -319,8 +342,14 @@ class Service:
             await self.refresh_storage_keys()
 
     async def _refresh_skeys(self, interval: float) -> None:
+        """Refresh forever: a failure is logged (rate-limited) and tried again next time."""
         while True:
-            await self.refresh_storage_keys()
+            try:
+                await self.refresh_storage_keys()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never a silently dead refresh
+                _LIMITER.warning(log, "skeys", "storage-key refresh failed: %r", exc)
             await asyncio.sleep(interval)
 
     async def refresh_storage_keys(self) -> int:
@@ -329,9 +358,9 @@ class Service:
         if self.vmm is None or not isinstance(backend, EmulatedBackend):
             return 0
         try:
-            keys = await self.vmm.storage_keys()
+            keys = await self.vmm.storage_keys(backend.memory_size >> 12)
         except (RuntimeError, OSError, ValueError) as exc:
-            log.warning("dump-skeys failed: %s", exc)
+            _LIMITER.warning(log, "skeys", "dump-skeys failed: %s", exc)
             return 0
         for page, key in (keys or {}).items():
             with contextlib.suppress(ValueError):
@@ -404,15 +433,6 @@ class Service:
             "eventfds": self.eventfds.describe(),
             "vmm": self.vmm.status if self.vmm else None,
         }
-
-
-def _file_identity(path: str) -> tuple[int, int] | None:
-    """``(st_dev, st_ino)`` of ``path``: a file recreated under the same name differs."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
 
 
 def _version_tuple() -> tuple[int, int, int]:
