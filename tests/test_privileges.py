@@ -46,6 +46,8 @@ def test_run_as_drops_to_the_user_after_opening_the_ram_file(tmp_path: Path) -> 
         assert uids == [65534] * 4 and gids == [65534] * 4, (uids, gids)
         assert os.stat(daemon.socket).st_uid == 65534
         assert oct(os.stat(ram).st_mode & 0o777) == "0o600"
+        status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), "no new privileges once started"
 
         async def notify() -> object:
             async with qmp_client(daemon.socket) as client:  # root is always admitted

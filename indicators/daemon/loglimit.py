@@ -67,3 +67,31 @@ class LogLimiter:
     def warning(self, logger: logging.Logger, key: str, msg: str, *args: object) -> bool:
         """:meth:`log` at WARNING."""
         return self.log(logger, logging.WARNING, key, msg, *args)
+
+
+class RepeatFilter(logging.Filter):
+    """A logging filter: a line repeated (same logger, format and device) is limited.
+
+    Installed on a logger that logs per event a peer can provoke (the
+    engine's ``notify failed``), so a flood is a few lines and a count.
+    """
+
+    def __init__(self, limiter: LogLimiter) -> None:
+        super().__init__()
+        self.limiter = limiter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = f"{record.name}:{record.msg}:{getattr(record, 'device', '')}"
+        allowed, dropped = self.limiter.allow(key)
+        if allowed and dropped:
+            record.msg = f"{record.msg} (%d similar lines left out)"
+            record.args = (*(record.args or ()), dropped)
+        return allowed
+
+
+def limit_repeats(logger: logging.Logger, limiter: LogLimiter) -> None:
+    """Install a :class:`RepeatFilter` on ``logger`` unless one is there."""
+    if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+        logger.addFilter(RepeatFilter(limiter))

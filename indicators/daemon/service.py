@@ -27,17 +27,17 @@ import signal
 from typing import Any
 
 from .. import __version__
-from ..adapters import AdapterModel, build_model
+from ..adapters import AdapterModel, Device, build_model
 from ..config import Config, ConfigError, load_config
-from ..engine import Engine, EngineEvent
+from ..engine import Engine, EngineEvent, NotifyError
 from ..memop import EmulatedBackend, MemopBackend
 from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
-from .commands import describe_device, register_commands
+from .commands import describe_device, failure_summary, register_commands
 from .eventfds import EventfdSources
 from .hostfiles import open_guest_ram
-from .loglimit import LogLimiter
-from .privileges import drop_to
+from .loglimit import LogLimiter, limit_repeats
+from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
 from .sdnotify import Notifier
 from .vmm import VmmLink
@@ -70,6 +70,7 @@ class Service:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._skeys_task: asyncio.Task[None] | None = None
+        self._failed: dict[str, list[NotifyError]] = {}  # this batch's, by device
         self._ram_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ram="auto"
         self._metrics: Any = None
         #: The metrics endpoint's port (useful with port 0), once started.
@@ -99,6 +100,8 @@ class Service:
         else:
             self.wiring = open_backend(self.config.backend)
             self._drop_privileges()
+        # One failing notification per vector, thousands a second: a few lines and a count.
+        limit_repeats(logging.getLogger(Engine.__module__), LogLimiter(burst=10, period=60.0))
         self.engine = Engine(*self._confined(self.model), self.wiring.sink, self.config.retry)
         self.engine.subscribe(self._on_engine_event)
         for reason in self._holds:
@@ -215,10 +218,17 @@ class Service:
         self._stop_reason = reason
         self._stop.set()
 
-    async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT/quit, then stop gracefully."""
+    async def run(self, *, no_new_privs: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT/quit, then stop gracefully.
+
+        Once started (every privileged thing done), the process forbids
+        itself new privileges (``no_new_privs``; irreversible, so an
+        in-process caller such as a test may turn it off).
+        """
         loop = asyncio.get_running_loop()
         await self.start()
+        if no_new_privs:
+            forbid_new_privileges()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -262,7 +272,9 @@ class Service:
         if old.unavailable is not None:
             engine.set_unavailable(old.unavailable)
         self.engine = self.eventfds.engine = engine
-        self.config, self.model = new, model
+        old_model, self.config, self.model = self.model, new, model
+        for line in device_changes(old_model, model):
+            log.info("reload: %s", line)
         log.info("config reloaded: %d devices", len(model.devices))
         return "reloaded"
 
@@ -382,16 +394,18 @@ class Service:
                 "INTERRUPT_SUPPRESSED", {"adapter": adapter.id, "isc": adapter.isc}
             )
         elif event.error is not None:
-            error = event.error
-            self.server.broadcast_event(
-                "NOTIFY_FAILED",
-                {
-                    "device": error.device,
-                    "vector": error.vector,
-                    "code": error.code,
-                    "desc": str(error),
-                },
-            )
+            # One NOTIFY_FAILED per device and batch (what fails together is
+            # reported in one event when the engine's flush step is over).
+            if not self._failed:
+                asyncio.get_running_loop().call_soon(self._report_failures)
+            self._failed.setdefault(event.error.device, []).append(event.error)
+
+    def _report_failures(self) -> None:
+        failed, self._failed = self._failed, {}
+        if self.server is None:
+            return
+        for errors in failed.values():
+            self.server.broadcast_event("NOTIFY_FAILED", failure_summary(errors))
 
     def _admits(self, peer: PeerCredentials) -> bool:
         control = self.config.control
@@ -433,6 +447,32 @@ class Service:
             "eventfds": self.eventfds.describe(),
             "vmm": self.vmm.status if self.vmm else None,
         }
+
+
+def _placement(device: Device) -> str:
+    """Where a device's bits are: dsci first..last bit address, summary, key, isc."""
+    first, last = device.dsci[0], device.dsci[-1]
+    return (
+        f"dsci {first.gaddr:#x}/{first.mask:#04x}..{last.gaddr:#x}/{last.mask:#04x} "
+        f"({device.vectors} vectors), summary {device.summary.gaddr:#x}/"
+        f"{device.summary.mask:#04x}, key {device.key}, isc {device.adapter.isc}"
+    )
+
+
+def device_changes(old: AdapterModel, new: AdapterModel) -> list[str]:
+    """One line per device a reload added, removed or moved (old and new places)."""
+    lines = []
+    for name in sorted(old.devices.keys() | new.devices.keys()):
+        before, after = old.devices.get(name), new.devices.get(name)
+        if before is None and after is not None:
+            lines.append(f"device {name!r} added at {_placement(after)}")
+        elif after is None and before is not None:
+            lines.append(f"device {name!r} removed from {_placement(before)}")
+        elif before is not None and after is not None:
+            was, now = _placement(before), _placement(after)
+            if was != now:
+                lines.append(f"device {name!r} moved from {was} to {now}")
+    return lines
 
 
 def _version_tuple() -> tuple[int, int, int]:
