@@ -57,6 +57,8 @@ def dump(filename):
         return {"return": {}}
     if mode == "error":
         return {"error": {"class": "GenericError", "desc": "this guest is not using storage keys"}}
+    if mode == "fail":
+        return {"error": {"class": "GenericError", "desc": "dump failed on purpose"}}
     try:
         os.unlink(filename)
     except OSError:
@@ -196,8 +198,8 @@ class FakeQemu:
 
     ``mem_path`` is what it answers to ``qom-get`` (default: its RAM file);
     ``skeys`` what it does on ``dump-skeys``: ``write`` (a one-line dump),
-    ``error`` (no storage keys), ``symlink:TARGET`` / ``fifo`` (replaces the
-    file), ``junk:BYTES`` (writes that much into it).
+    ``error`` (no storage keys), ``fail`` (another error), ``symlink:TARGET``
+    / ``fifo`` (replaces the file), ``junk:BYTES`` (writes that much into it).
     """
 
     def __init__(
