@@ -12,6 +12,7 @@ small stdlib scripts run by the system's python3, so any uid can run them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -260,15 +261,18 @@ class FakeQemu:
         self.stop()
 
 
-def foreign_client(path: str, uid: int, commands: list[list[Any]]) -> list[dict[str, Any]]:
-    """Run :data:`_CLIENT` as ``uid`` on the socket ``path``; its printed replies."""
-    result = subprocess.run(
-        [*as_uid(uid), PYTHON, "-c", _CLIENT, path, json.dumps(commands)],
-        capture_output=True,
-        timeout=TIMEOUT,
-        check=True,
-    )
-    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+async def foreign_client(path: str, uid: int, commands: list[list[Any]]) -> list[dict[str, Any]]:
+    """Run :data:`_CLIENT` as ``uid`` on the socket ``path``; its printed replies.
+
+    Asynchronous: the daemon may be serving in this very event loop.
+    """
+    process = await asyncio.create_subprocess_exec(
+        *as_uid(uid), PYTHON, "-c", _CLIENT, path, json.dumps(commands),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode == 0, f"the foreign client failed: {out!r}"
+    return [json.loads(line) for line in out.decode().splitlines()]
 
 
 def open_fds() -> int:
