@@ -230,6 +230,23 @@ async def test_a_huge_failing_vector_list_gets_one_short_answer_and_one_event(
         await served(service.socket_path)
 
 
+async def test_a_batch_with_many_failures_is_summed_up_not_listed(tmp_path: Path) -> None:
+    raw = daemon_config(tmp_path / "c.sock", control={"max_message": 1 << 20})
+    raw["backend"]["faults"] = {"protected": [[NET_DSCI, 8]]}  # every net0 store faults
+    service = Service(parse_config(raw, "<attack>"))
+    await service.start()
+    try:
+        async with qmp_client(service.socket_path) as client:
+            with pytest.raises(ExecuteError) as failed:
+                await client.execute("notify", {"device": "net0", "vector": list(range(64)) * 100})
+        desc = str(failed.value)
+        assert desc.startswith("device 'net0': 0 of 64 applied, 64 failed (code 4: 64); ")
+        assert desc.endswith("; and 59 more")
+        assert desc.count("vector ") == 5 and len(desc) < 2000
+    finally:
+        await service.stop(grace=1.0)
+
+
 async def test_a_huge_vector_list_counts_each_vector_once(tmp_path: Path) -> None:
     async with daemon(tmp_path / "c.sock", max_message=1 << 20) as service:
         async with qmp_client(service.socket_path) as client:
