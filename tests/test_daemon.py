@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -824,6 +825,8 @@ async def test_sighup_reloads_safe_changes_and_refuses_backend_changes(tmp_path:
             write_config(daemon.config, reloaded)
             daemon.signal(signal.SIGHUP)
             await wait_until(lambda: "config reloaded: 5 devices" in daemon.logs())
+            added = "reload: device 'net1' added at dsci 0x10140/0x80..0x10147/0x01 (64 vectors)"
+            assert added in daemon.logs()
             assert await client.execute("notify", {"device": "net1", "vector": 0}) == {"applied": 1}
 
             # A different backend: refused, the running config stays.
@@ -850,3 +853,27 @@ async def test_sighup_reloads_safe_changes_and_refuses_backend_changes(tmp_path:
         assert await asyncio.to_thread(daemon.wait) == 0, daemon.logs()
     assert "stopping (quit command)" in daemon.logs()
     assert not os.path.exists(daemon.socket)
+
+
+async def test_reload_logs_each_device_added_removed_or_moved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = daemon_config(tmp_path / "control.sock")
+    path = write_config(tmp_path / "daemon.toml", raw)
+    service = Service(parse_config(raw, "<test>"), config_path=str(path))
+    await service.start()
+    try:
+        caplog.set_level(logging.INFO, logger="indicators")
+        route0 = {**raw["devices"][2], "ind_addr": ROUTE_IND + 0x100}
+        moved = [raw["devices"][0], route0, raw["devices"][3]]  # pci0 removed
+        write_config(path, {**raw, "devices": moved})
+        assert service.reload() == "reloaded"
+    finally:
+        await service.stop(grace=1.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reload: ")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("reload: device 'pci0' removed from dsci 0x10200/0x80..")
+    assert lines[1].startswith(
+        "reload: device 'route0' moved from dsci 0x10300/0x80..0x10300/0x10 (4 vectors)"
+    )
+    assert "to dsci 0x10400/0x80..0x10400/0x10 (4 vectors)" in lines[1]
