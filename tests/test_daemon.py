@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from attack_helpers import FakeQemu
 from daemon_helpers import (
     LOCKED_PAGE,
     MEMORY,
@@ -749,6 +750,38 @@ async def test_unreachable_vmm_holds_notifications_and_stop_applies_them(
     finally:
         if not stopped:
             await service.stop()
+
+
+async def test_the_vmm_link_logs_once_per_state_change_naming_the_socket(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    qmp = tmp_path / "qemu" / "qmp.sock"
+    qmp.parent.mkdir()
+    vmm = {"qmp_socket": str(qmp), "reconnect_backoff_cap": 0.01}
+    service = await start_service(tmp_path, vmm=vmm)
+
+    def lines(level: int, text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level
+                and text in r.getMessage()]  # fmt: skip
+
+    try:
+        # Many attempts, one line above debug level.
+        await wait_until(lambda: len(lines(logging.DEBUG, "is unreachable")) >= 20)
+        assert lines(logging.WARNING, "is unreachable") == [
+            f"QEMU's QMP socket {qmp} is unreachable ([Errno 2] No such file or directory); "
+            "retrying every 0.01 s at most"
+        ]
+        with FakeQemu(qmp.parent, size=MEMORY):
+            await wait_until(lambda: service.vmm is not None and service.vmm.status == "running")
+            assert lines(logging.INFO, "connected to QEMU") == [
+                f"connected to QEMU at {qmp} (running)"
+            ]
+        await wait_until(lambda: len(lines(logging.WARNING, "is unreachable")) == 2)
+        assert len(lines(logging.WARNING, f"QMP link to {qmp} lost")) == 1
+    finally:
+        await service.stop(grace=1.0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "nothing at ERROR"
 
 
 # -------------------------------------------------------- quit and signals

@@ -91,6 +91,7 @@ def test_slow_connections_cannot_pile_up_threads(monkeypatch: pytest.MonkeyPatch
 def test_a_silent_connection_is_hung_up_on_after_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert metrics._Handler.timeout == metrics.TIMEOUT  # what a real scrape gets
     monkeypatch.setattr(metrics._Handler, "timeout", 0.2)
     (server, thread), port = metrics.serve_metrics(
         EngineCollector(EngineStats, dict), "127.0.0.1", 0

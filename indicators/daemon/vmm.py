@@ -184,7 +184,7 @@ class VmmLink:
                     logging.WARNING,
                     "QEMU's QMP socket %s is unreachable (%s); retrying every %g s at most",
                     path,
-                    exc,
+                    getattr(exc, "exc", exc),  # qemu.qmp's ConnectError wraps the cause
                     self.config.reconnect_backoff_cap,
                 )
                 if not self.config.reconnect and self.connects:
@@ -202,6 +202,8 @@ class VmmLink:
                 attach_failed = True
             except (QMPError, OSError, EOFError) as exc:
                 self._report("lost", logging.WARNING, "QMP link to %s lost: %s", path, exc)
+            else:
+                self._report("lost", logging.WARNING, "QMP link to %s lost: QEMU hung up", path)
             finally:
                 self._client = None
                 self._connected.clear()
