@@ -15,13 +15,22 @@ import contextlib
 import logging
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from attack_helpers import NOBODY, FakeQemu, need_root, owned_dir, world_dir
-from daemon_helpers import MEMORY, NET_DSCI, daemon_config, qmp_client
+from daemon_helpers import (
+    MEMORY,
+    NET_DSCI,
+    TIMEOUT,
+    daemon_config,
+    indicators_command,
+    qmp_client,
+    write_config,
+)
 
 from indicators.config import parse_config
 from indicators.daemon.hostfiles import HostFileError, open_guest_ram
@@ -146,6 +155,31 @@ async def test_a_restarted_qemu_naming_a_symlink_is_refused_while_clients_are_se
         no_secret_logged(caplog)
     finally:
         await service.stop(grace=1.0)
+
+
+def test_the_ram_is_opened_with_run_as_rights_only(world: Path, tmp_path: Path) -> None:
+    """A root QEMU's root-only RAM: a daemon that drops to nobody must not map it."""
+    home = owned_dir(world, "qemu", 0, 0o755)
+    control = owned_dir(world, "control", NOBODY, 0o755)
+    with FakeQemu(home, size=MEMORY) as qemu:  # root, its RAM file root's 0600
+        qemu.socket.chmod(0o666)
+        raw = daemon_config(
+            control / "control.sock",
+            ram="auto",
+            vmm={"qmp_socket": str(qemu.socket)},
+            run_as={"user": "nobody"},
+        )
+        config = write_config(tmp_path / "daemon.toml", raw)
+        before = qemu.ram.read_bytes()
+        result = subprocess.run(
+            indicators_command("run", "--config", str(config)),
+            capture_output=True, text=True, timeout=3 * TIMEOUT,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert f"{qemu.ram}: cannot open the guest RAM file: Permission denied" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert qemu.ram.read_bytes() == before
+        assert not (control / "control.sock").exists()
 
 
 # ---------------------------------------------- without ptrace rights: by name
