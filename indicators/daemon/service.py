@@ -27,7 +27,7 @@ import signal
 from typing import Any
 
 from .. import __version__
-from ..adapters import AdapterModel, Device, build_model
+from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent, NotifyError
 from ..memop import EmulatedBackend, MemopBackend
@@ -39,6 +39,7 @@ from .hostfiles import open_guest_ram
 from .loglimit import LogLimiter, limit_repeats
 from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
+from .reloadlog import device_changes
 from .sdnotify import Notifier
 from .vmm import VmmLink
 from .wiring import Wiring, open_backend
@@ -447,32 +448,6 @@ class Service:
             "eventfds": self.eventfds.describe(),
             "vmm": self.vmm.status if self.vmm else None,
         }
-
-
-def _placement(device: Device) -> str:
-    """Where a device's bits are: dsci first..last bit address, summary, key, isc."""
-    first, last = device.dsci[0], device.dsci[-1]
-    return (
-        f"dsci {first.gaddr:#x}/{first.mask:#04x}..{last.gaddr:#x}/{last.mask:#04x} "
-        f"({device.vectors} vectors), summary {device.summary.gaddr:#x}/"
-        f"{device.summary.mask:#04x}, key {device.key}, isc {device.adapter.isc}"
-    )
-
-
-def device_changes(old: AdapterModel, new: AdapterModel) -> list[str]:
-    """One line per device a reload added, removed or moved (old and new places)."""
-    lines = []
-    for name in sorted(old.devices.keys() | new.devices.keys()):
-        before, after = old.devices.get(name), new.devices.get(name)
-        if before is None and after is not None:
-            lines.append(f"device {name!r} added at {_placement(after)}")
-        elif after is None and before is not None:
-            lines.append(f"device {name!r} removed from {_placement(before)}")
-        elif before is not None and after is not None:
-            was, now = _placement(before), _placement(after)
-            if was != now:
-                lines.append(f"device {name!r} moved from {was} to {now}")
-    return lines
 
 
 def _version_tuple() -> tuple[int, int, int]:
