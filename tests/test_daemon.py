@@ -211,6 +211,24 @@ async def test_notify_bad_arguments_are_named_and_nothing_is_applied(
     assert await client.execute("notify", {"device": "net0", "vector": 1}) == {"applied": 1}
 
 
+@pytest.mark.parametrize(
+    ("vector", "desc"),
+    [
+        ("1", "Invalid parameter 'vector': expected an integer or a list of integers; "
+              'got a string "1"'),
+        ([1, "2"], "Invalid parameter 'vector': expected an integer or a list of integers; "
+                   'item 1 is a string "2"'),
+        (None, "Invalid parameter 'vector': expected an integer or a list of integers; got null"),
+    ],
+)  # fmt: skip
+async def test_argument_errors_read_as_a_person_would_write_them(
+    client: Client, vector: object, desc: str
+) -> None:
+    error = await expect_error(client, "notify", {"device": "net0", "vector": vector})
+    assert error == desc
+    assert "list[int]" not in error
+
+
 async def test_failed_notify_reports_code_and_event(service: Service, client: Client) -> None:
     """Device key 5 on a page whose storage key has ACC 3: protection (code 4)."""
     with client.listener(names=("NOTIFY_FAILED",)) as listener:
