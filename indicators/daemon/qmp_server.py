@@ -314,19 +314,28 @@ class QmpServer:
             logger.debug("QMP peer on %s vanished before it was served: %s", self.path, exc)
             conn.close()
             return
+        # Refusals are answered at once and never counted: a refused peer that
+        # lingered would hold an fd and a place under the caps it is kept from.
+        if not self.admits(session.credentials):
+            self._turn_away(conn, f"Permission denied for uid {session.credentials.uid}")
+            return
         over = self._over_cap(session.credentials.uid)
         if over is not None:
-            # Turned away at once: a lingering refusal would hold the fd the cap protects.
             self.refused_over_cap += 1
             _LIMITER.warning(logger, "over-cap", "QMP %r refused: %s", session, over)
-            with contextlib.suppress(OSError):
-                conn.send(encode(error_reply(QmpCommandError(over), {})))
-            conn.close()
+            self._turn_away(conn, over)
             return
         self._count += 1
         task = asyncio.create_task(session.run(), name=f"qmp-session-{session.number}")
         self._sessions[session] = task
         task.add_done_callback(functools.partial(self._session_done, session))
+
+    @staticmethod
+    def _turn_away(conn: socket.socket, why: str) -> None:
+        """One GenericError instead of the greeting, then hang up."""
+        with contextlib.suppress(OSError):  # a fresh socket's buffer takes one short line
+            conn.send(encode(error_reply(QmpCommandError(why), {})))
+        conn.close()
 
     def _over_cap(self, uid: int) -> str | None:
         """Why a new client of ``uid`` may not be served now (None: it may)."""
