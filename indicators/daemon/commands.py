@@ -38,7 +38,7 @@ from .qmp_server import QmpArgs, QmpCommandError, QmpServer, QmpSession
 if TYPE_CHECKING:
     from .service import Service
 
-__all__ = ["describe_failure", "failure_summary", "register_commands"]
+__all__ = ["FailureBatch", "describe_failure", "register_commands"]
 
 #: Failures a notify reply or a NOTIFY_FAILED event locates one by one.
 FIRST_FEW = 5
@@ -174,14 +174,35 @@ def describe_failure(error: Any) -> dict[str, Any]:
     }
 
 
-def failure_summary(errors: Sequence[Any]) -> dict[str, Any]:
-    """Failures of one batch: the first one's fields, a count per code, the first few."""
-    return {
-        **describe_failure(errors[0]),
-        "count": len(errors),
-        "codes": dict(Counter(str(e.code) for e in errors)),
-        "first": [describe_failure(e) for e in errors[:FIRST_FEW]],
-    }
+class FailureBatch:
+    """The failures of one device in one batch, kept small: counts and the first few.
+
+    A batch of thousands of failures keeps :data:`FIRST_FEW` errors, not all
+    of them; :meth:`summary` is the ``NOTIFY_FAILED`` event's data.
+    """
+
+    __slots__ = ("codes", "count", "first")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.codes: Counter[str] = Counter()
+        self.first: list[Any] = []
+
+    def add(self, error: Any) -> None:
+        """Count ``error`` (a NotifyError); keep it if it is one of the first few."""
+        self.count += 1
+        self.codes[str(error.code)] += 1
+        if len(self.first) < FIRST_FEW:
+            self.first.append(error)
+
+    def summary(self) -> dict[str, Any]:
+        """The first failure's fields, a count per code, the first few failures."""
+        return {
+            **describe_failure(self.first[0]),
+            "count": self.count,
+            "codes": dict(self.codes),
+            "first": [describe_failure(e) for e in self.first],
+        }
 
 
 def _located(error: Any) -> str:

@@ -29,11 +29,11 @@ from typing import Any
 from .. import __version__
 from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
-from ..engine import Engine, EngineEvent, NotifyError
+from ..engine import Engine, EngineEvent
 from ..memop import EmulatedBackend, MemopBackend
 from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
-from .commands import describe_device, failure_summary, register_commands
+from .commands import FailureBatch, describe_device, register_commands
 from .eventfds import EventfdSources
 from .hostfiles import open_guest_ram
 from .loglimit import LogLimiter, limit_repeats
@@ -71,7 +71,7 @@ class Service:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._skeys_task: asyncio.Task[None] | None = None
-        self._failed: dict[str, list[NotifyError]] = {}  # this batch's, by device
+        self._failed: dict[str, FailureBatch] = {}  # this batch's failures, by device
         self._ram_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ram="auto"
         self._metrics: Any = None
         #: The metrics endpoint's port (useful with port 0), once started.
@@ -399,14 +399,17 @@ class Service:
             # reported in one event when the engine's flush step is over).
             if not self._failed:
                 asyncio.get_running_loop().call_soon(self._report_failures)
-            self._failed.setdefault(event.error.device, []).append(event.error)
+            batch = self._failed.get(event.error.device)
+            if batch is None:
+                batch = self._failed[event.error.device] = FailureBatch()
+            batch.add(event.error)
 
     def _report_failures(self) -> None:
         failed, self._failed = self._failed, {}
         if self.server is None:
             return
-        for errors in failed.values():
-            self.server.broadcast_event("NOTIFY_FAILED", failure_summary(errors))
+        for batch in failed.values():
+            self.server.broadcast_event("NOTIFY_FAILED", batch.summary())
 
     def _admits(self, peer: PeerCredentials) -> bool:
         control = self.config.control
