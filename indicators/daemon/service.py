@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -30,12 +29,12 @@ from .. import __version__
 from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
-from ..memop import EmulatedBackend, MemopBackend
+from ..memop import MemopBackend
 from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
 from .commands import FailureBatch, describe_device, register_commands
 from .eventfds import EventfdSources
-from .hostfiles import open_guest_ram
+from .guestram import GuestRam, load_storage_keys, refresh_storage_keys_forever
 from .loglimit import LogLimiter, limit_repeats
 from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
@@ -49,9 +48,6 @@ __all__ = ["Service"]
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/indicators/indicators.sock"
-
-# Lines that follow QEMU's or a client's behaviour are rate-limited.
-_LIMITER = LogLimiter(burst=5, period=60.0)
 
 
 class Service:
@@ -72,7 +68,7 @@ class Service:
         self._stop_reason = ""
         self._skeys_task: asyncio.Task[None] | None = None
         self._failed: dict[str, FailureBatch] = {}  # this batch's failures, by device
-        self._ram_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ram="auto"
+        self._ram: GuestRam | None = None  # ram = "auto": QEMU's RAM, as it hands it over
         self._metrics: Any = None
         #: The metrics endpoint's port (useful with port 0), once started.
         self.metrics_port: int | None = None
@@ -92,12 +88,14 @@ class Service:
                 self.config.vmm, self, grace=self.config.vmm.disconnect_grace, scratch_dir=scratch
             )
             self.vmm.start()
-        if self._ram_auto:
+        if self.vmm is not None and getattr(self.config.backend, "ram", None) == "auto":
             # QEMU names the RAM file: open it with no more rights than run_as has.
             self._drop_privileges()
-            assert self.vmm is not None
+            self._ram = GuestRam(self.config.backend, self.vmm)
             await self.vmm.wait_connected(30.0)
-            self.wiring, self._ram_identity, _ = await self._open_guest_ram()
+            mapped = await self._ram.map()
+            assert mapped is not None  # nothing was mapped before
+            self.wiring = mapped[0]
         else:
             self.wiring = open_backend(self.config.backend)
             self._drop_privileges()
@@ -147,9 +145,13 @@ class Service:
             log.info(
                 "metrics on http://%s:%d/metrics", self.config.metrics.address, self.metrics_port
             )
-        if self.config.vmm is not None and self.config.vmm.skeys_refresh:
+        if self.vmm is not None and self.config.vmm and self.config.vmm.skeys_refresh:
             self._skeys_task = asyncio.create_task(
-                self._refresh_skeys(self.config.vmm.skeys_refresh)
+                refresh_storage_keys_forever(
+                    self.vmm,
+                    lambda: self.wiring.backend if self.wiring else None,
+                    self.config.vmm.skeys_refresh,
+                )
             )
         self.notifier.ready(f"serving {len(self.model.devices)} devices on {self.socket_path}")
         log.info("serving %d devices on %s", len(self.model.devices), self.socket_path)
@@ -183,32 +185,10 @@ class Service:
             self.wiring.close()
             self.wiring = None
 
-    @property
-    def _ram_auto(self) -> bool:
-        return getattr(self.config.backend, "ram", None) == "auto"
-
     def _drop_privileges(self) -> None:
         if self.config.run_as is not None:
             uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
             log.info("running as uid %d gid %d", uid, gid)
-
-    async def _open_guest_ram(self) -> tuple[Wiring, tuple[int, int], str]:
-        """Map the RAM of the QEMU behind the VMM link (only as it hands it over);
-        returns the wiring, the file's (st_dev, st_ino) and the name QEMU gave."""
-        assert self.vmm is not None
-        path = await self.vmm.ram_path()
-        peer = self.vmm.peer()
-        size = self.config.backend.memory_size
-        fd = open_guest_ram(path, size, peer.pid if peer else None, peer.uid if peer else None)
-        try:
-            info = os.fstat(fd)
-            # The mapping is made through our fd, whatever the name leads to by now.
-            wiring = open_backend(self.config.backend, f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        if isinstance(wiring.backend, EmulatedBackend):
-            wiring.backend.memory.path = path  # the name QEMU gave, for reports
-        return wiring, (info.st_dev, info.st_ino), path
 
     def _engine(self) -> Engine | None:
         """The engine once :meth:`start` made it (VMM hooks may come earlier)."""
@@ -337,14 +317,13 @@ class Service:
         reach nobody.  The new guest also starts with fresh suppression state.
         """
         vmm = self.config.vmm
-        if self.wiring is None or self.vmm is None or vmm is None or not self._ram_auto:
+        if self.wiring is None or self._ram is None or vmm is None:
             return
-        new, identity, path = await self._open_guest_ram()  # HostFileError: the link retries
-        if identity == self._ram_identity:
-            new.close()
+        mapped = await self._ram.map()  # HostFileError: the link tries again
+        if mapped is None:
             return
+        new, path = mapped
         old, self.wiring = self.wiring, Wiring(new.backend, self.wiring.sink, new.fds)
-        self._ram_identity = identity
         engine = self._engine()
         if engine is not None:
             engine.backend = self._confined(self.model)[1]
@@ -354,31 +333,11 @@ class Service:
         if vmm.skeys_refresh:
             await self.refresh_storage_keys()
 
-    async def _refresh_skeys(self, interval: float) -> None:
-        """Refresh forever: a failure is logged (rate-limited) and tried again next time."""
-        while True:
-            try:
-                await self.refresh_storage_keys()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # never a silently dead refresh
-                _LIMITER.warning(log, "skeys", "storage-key refresh failed: %r", exc)
-            await asyncio.sleep(interval)
-
     async def refresh_storage_keys(self) -> int:
         """Load the guest's storage keys from ``dump-skeys`` into the emulated backend."""
-        backend = self.wiring.backend if self.wiring else None
-        if self.vmm is None or not isinstance(backend, EmulatedBackend):
+        if self.vmm is None:
             return 0
-        try:
-            keys = await self.vmm.storage_keys(backend.memory_size >> 12)
-        except (RuntimeError, OSError, ValueError) as exc:
-            _LIMITER.warning(log, "skeys", "dump-skeys failed: %s", exc)
-            return 0
-        for page, key in (keys or {}).items():
-            with contextlib.suppress(ValueError):
-                backend.set_storage_key(page << 12, key & 0xFE)
-        return len(keys or {})
+        return await load_storage_keys(self.vmm, self.wiring.backend if self.wiring else None)
 
     # ------------------------------------------------------------ reports
 
