@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from attack_helpers import NOBODY, PYTHON, as_uid, need_root, owned_dir, world_dir
+from daemon_helpers import TIMEOUT, daemon_config, indicators_command, write_config
 
 from indicators.daemon.qmp_server import QmpServer, SocketDirError
 
@@ -127,3 +128,20 @@ async def test_the_socket_is_born_with_its_mode_and_never_chmod_ed_by_name(
         await qmp.stop()
     finally:
         os.umask(old)
+
+
+def test_indicators_run_names_the_directory_and_shows_no_traceback(world: Path) -> None:
+    shared = world / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    config = write_config(world / "daemon.toml", daemon_config(shared / "control.sock"))
+    result = subprocess.run(
+        indicators_command("run", "--config", str(config)),
+        capture_output=True, text=True, timeout=3 * TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"control socket directory {shared} (owner uid 0, mode 0777) is writable by " in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (shared / "control.sock").exists()
