@@ -49,7 +49,9 @@ from daemon_helpers import (
 from qemu.qmp import ConnectError, ExecuteError, QMPError
 
 from indicators.config import parse_config
+from indicators.daemon.commands import FailureBatch, failure_message
 from indicators.daemon.service import Service
+from indicators.engine import NotifyError
 from indicators.guestmem import GuestMemory
 from indicators.memop import EmulatedBackend
 
@@ -928,3 +930,21 @@ async def test_reload_logs_each_device_added_removed_or_moved(
         "reload: device 'route0' moved from dsci 0x10300/0x80..0x10300/0x10 (4 vectors)"
     )
     assert "to dsci 0x10400/0x80..0x10400/0x10 (4 vectors)" in lines[1]
+
+
+def test_a_failure_is_located_where_the_engine_says() -> None:
+    """Once the engine names the step (dsci or summary) and errno, reply and event carry them."""
+    error = NotifyError("net0", 3, "4", "program exception 4 (protection)",
+                        gaddr=0x10000, size=1, key=5)  # fmt: skip
+    error.where = "summary"  # type: ignore[attr-defined]
+    error.errno = None  # type: ignore[attr-defined]
+    batch = FailureBatch()
+    batch.add(error)
+    data = batch.summary()
+    assert (data["where"], data["gaddr"], data["size"], data["key"]) == ("summary", 0x10000, 1, 5)
+    assert (data["device"], data["vector"], data["code"], data["count"]) == ("net0", 3, "4", 1)
+    reply = failure_message("net0", 2, [error])
+    assert reply == (
+        "device 'net0': 1 of 2 applied, 1 failed (code 4: 1); vector 3: program exception 4 "
+        "(protection) (code 4) on the summary at gaddr 0x10000 size 1 key 5"
+    )

@@ -38,7 +38,7 @@ from .qmp_server import QmpArgs, QmpCommandError, QmpServer, QmpSession
 if TYPE_CHECKING:
     from .service import Service
 
-__all__ = ["FailureBatch", "describe_failure", "register_commands"]
+__all__ = ["FailureBatch", "describe_failure", "failure_message", "register_commands"]
 
 #: Failures a notify reply or a NOTIFY_FAILED event locates one by one.
 FIRST_FEW = 5
@@ -94,7 +94,7 @@ def register_commands(server: QmpServer, service: Service) -> None:
             raise _generic(str(exc)) from None
         failed = [error for error in errors if error is not None]
         if failed:
-            raise _generic(_failure_message(args.device, len(vectors), failed))
+            raise _generic(failure_message(args.device, len(vectors), failed))
         return {"applied": len(vectors)}
 
     async def query_adapters(_: None, session: QmpSession) -> list[dict[str, Any]]:
@@ -217,7 +217,7 @@ def _located(error: Any) -> str:
     return f"vector {error.vector}: {error.desc} (code {error.code}){place}"
 
 
-def _failure_message(device: str, total: int, failed: Sequence[Any]) -> str:
+def failure_message(device: str, total: int, failed: Sequence[Any]) -> str:
     """A bounded reply for a batch with failures: counts per code, then the first few."""
     codes = Counter(str(e.code) for e in failed)
     counts = ", ".join(f"code {code}: {n}" for code, n in sorted(codes.items()))
