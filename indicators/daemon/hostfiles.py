@@ -95,7 +95,7 @@ def _from_qemu(path: str, pid: int) -> int | None:
     """
     try:
         names = os.listdir(f"/proc/{pid}/fd")
-        mapped = _shared_inodes(pid)
+        mapped, mapped_names = _shared_mappings(pid)
     except PermissionError:
         return None  # no ptrace rights over QEMU: the caller opens the name instead
     except OSError as exc:
@@ -103,31 +103,36 @@ def _from_qemu(path: str, pid: int) -> int | None:
     wanted = {path, os.path.realpath(path)}  # only to find QEMU's fd; its file is what we use
     for name in names:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") not in wanted:
-                continue
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
         except OSError:
+            continue
+        if target not in wanted:
             continue
         fd = _take(pid, int(name))
         if fd is None:
             continue
         info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) in mapped:
+        # maps names the lower file's inode on a stacked file system (overlayfs),
+        # so its path counts too; both are QEMU's own mapping of this open file.
+        if (info.st_dev, info.st_ino) in mapped or target in mapped_names:
             return fd
         os.close(fd)
     raise HostFileError(path, f"QEMU (pid {pid}) has no shared mapping of an open file there")
 
 
-def _shared_inodes(pid: int) -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every file ``pid`` maps shared (``/proc/PID/maps``)."""
-    result = set()
+def _shared_mappings(pid: int) -> tuple[set[tuple[int, int]], set[str]]:
+    """(st_dev, st_ino) and path of every file ``pid`` maps shared (``/proc/PID/maps``)."""
+    inodes, paths = set(), set()
     with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             if len(fields) < 5 or fields[1][3:4] != "s" or fields[4] == "0":
                 continue
             major, _, minor = fields[3].partition(":")
-            result.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
-    return result
+            inodes.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
+            if len(fields) == 6:
+                paths.add(fields[5].rstrip("\n"))
+    return inodes, paths
 
 
 def _take(pid: int, target: int) -> int | None:
