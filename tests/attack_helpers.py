@@ -96,6 +96,10 @@ def serve(conn):
                 reply = {"return": [{"id": "ram0", "size": size, "share": True}]}
             elif command == "qom-get":
                 reply = {"return": mem_path}
+            elif command == "dump-skeys" and skeys == "hang":
+                with open(count_file, "a") as count:
+                    count.write("dump\n")
+                continue  # never answered
             elif command == "dump-skeys":
                 reply = dump(args["filename"])
             else:
@@ -200,7 +204,8 @@ class FakeQemu:
     ``mem_path`` is what it answers to ``qom-get`` (default: its RAM file);
     ``skeys`` what it does on ``dump-skeys``: ``write`` (a one-line dump),
     ``error`` (no storage keys), ``fail`` (another error), ``symlink:TARGET``
-    / ``fifo`` (replaces the file), ``junk:BYTES`` (writes that much into it).
+    / ``fifo`` (replaces the file), ``junk:BYTES`` (writes that much into it),
+    ``hang`` (never answers).
     """
 
     def __init__(

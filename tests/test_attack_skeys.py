@@ -20,7 +20,9 @@ import pytest
 from attack_helpers import NOBODY, FakeQemu, need_root, owned_dir, wait_for, world_dir
 from daemon_helpers import MEMORY, TIMEOUT, daemon_config, qmp_client, running_daemon
 
+from indicators.config import parse_config
 from indicators.daemon.hostfiles import SkeysDump
+from indicators.daemon.service import Service
 from indicators.daemon.vmm import parse_skeys
 
 SECRET = "TOPSECRET-SKEYS-LINE"
@@ -96,3 +98,31 @@ def test_a_bad_dump_is_refused_without_quoting_it() -> None:
         parse_skeys(f"page=000: key(48)\n{SECRET} whatever\n")
     assert "line 2" in str(refused.value)
     assert SECRET not in str(refused.value)
+
+
+async def test_a_dump_that_never_comes_times_out_and_is_tried_again(
+    world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    home = owned_dir(world, "qemu", 0, 0o755)
+    control = owned_dir(world, "control", 0, 0o711)
+    with FakeQemu(home, size=MEMORY, skeys="hang") as qemu:
+        raw = daemon_config(
+            control / "control.sock",
+            ram="auto",
+            vmm={"qmp_socket": str(qemu.socket), "skeys_refresh": 0.05},
+        )
+        service = Service(parse_config(raw, "<attack>"))
+        await service.start()
+        try:
+            assert service.vmm is not None
+            service.vmm.skeys_timeout = 0.2
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TIMEOUT
+            while qemu.dumps() < 3:  # asked again and again, never answered
+                assert loop.time() < deadline, "the refresh stopped"
+                await asyncio.sleep(0.02)
+            async with qmp_client(service.socket_path) as client:
+                assert "notifications" in await client.execute("query-stats")
+        finally:
+            await asyncio.wait_for(service.stop(grace=1.0), TIMEOUT)
+    assert f"dump-skeys through {qemu.socket} took over 0.2 s" in caplog.text
