@@ -128,7 +128,7 @@ class QmpServer:
         max_sessions: int = 128,
         max_sessions_per_uid: int = 64,
         max_fds: int = 16,
-        negotiation_timeout: float | None = 10.0,
+        negotiation_timeout: float | None = 30.0,
         idle_timeout: float | None = None,
     ) -> None:
         if min(max_message, max_pending, max_queued, max_sessions, max_sessions_per_uid) < 1:

@@ -124,7 +124,7 @@ class Service:
             max_sessions=control.max_clients if control else 128,
             max_sessions_per_uid=control.max_clients_per_uid if control else 64,
             max_fds=control.max_fds_per_client if control else 16,
-            negotiation_timeout=control.negotiation_timeout if control else 10.0,
+            negotiation_timeout=control.negotiation_timeout if control else 30.0,
             idle_timeout=control.idle_timeout if control else None,
         )
         register_commands(self.server, self)
