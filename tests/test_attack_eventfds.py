@@ -23,6 +23,7 @@ from daemon_helpers import NET_DSCI, TIMEOUT, daemon_config, qmp_client
 from qemu.qmp import ExecuteError
 
 from indicators.config import parse_config
+from indicators.daemon import eventfds
 from indicators.daemon.service import Service
 
 
@@ -129,3 +130,29 @@ async def test_reconnecting_does_not_raise_a_uids_eventfd_limit(world: Path) -> 
                 assert replies[-1] == {"return": {}}, replies
         assert replies[-1]["error"]["desc"] == f"uid {NOBODY} may attach at most 2 eventfds"
         assert len(service.eventfds.describe()) == 2
+
+
+async def test_without_fdinfo_a_semaphore_eventfd_is_caught_by_its_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels without ``eventfd-semaphore`` in fdinfo: one-unit reads that leave the
+    eventfd readable, again and again, unmask it and it is detached."""
+    monkeypatch.setattr(eventfds, "eventfd_semaphore", lambda fd: None)
+    async with daemon(tmp_path / "c.sock") as service:
+        efd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK)
+        try:
+            os.eventfd_write(efd, 1 << 40)
+            async with qmp_client(service.socket_path) as client:
+                client.send_fd_scm(efd)
+                await client.execute("getfd", {"fdname": "ev"})
+                args = {"device": "net0", "vector": 5, "fdname": "ev"}
+                assert await client.execute("attach-eventfd", args) == {}
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + TIMEOUT
+                while service.eventfds.describe():
+                    assert loop.time() < deadline, "still reading one unit at a time"
+                    await asyncio.sleep(0.01)
+                assert "notifications" in await client.execute("query-stats")
+            assert service.eventfds.signals <= 2 * eventfds._SEMAPHORE_READS
+        finally:
+            os.close(efd)
