@@ -362,7 +362,7 @@ async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
             row.notifications_per_s = row.commands_per_s * row.notifications_per_command
             row.note = f"{len(samples)} round trips; {clients} clients for throughput"
 
-        fd = os.eventfd(0)
+        fd = os.eventfd(0, os.EFD_NONBLOCK)
         try:
             await attach_eventfd(client, fd)
             # The timing loops below block this event loop, so a connected client

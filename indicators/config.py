@@ -327,6 +327,15 @@ class ControlConfig(_Model):
     max_rate: float | None = Field(
         default=None, gt=0, description="requests per second per client; none: unlimited"
     )
+    max_clients: int = Field(default=128, ge=1, description="clients served at once")
+    max_clients_per_uid: int = Field(default=64, ge=1, description="clients of one uid at once")
+    max_fds_per_client: int = Field(default=16, ge=0, description="fds one client keeps (getfd)")
+    negotiation_timeout: float | None = Field(
+        default=30.0, gt=0, description="seconds a client has for qmp_capabilities; none: forever"
+    )
+    idle_timeout: float | None = Field(
+        default=None, gt=0, description="seconds without input before a client is hung up on"
+    )
 
 
 class VmmConfig(_Model):

@@ -84,8 +84,9 @@ async def _client(path: str, config: Config, deadline: float, sent: list[int], b
         while time.monotonic() < deadline:
             name, vectors = rng.choice(devices)
             chosen = [rng.randrange(vectors) for _ in range(rng.randint(1, batch))]
-            await client.execute("notify", {"device": name, "vector": chosen})
-            sent[0] += len(chosen)
+            reply = await client.execute("notify", {"device": name, "vector": chosen})
+            assert isinstance(reply, dict)
+            sent[0] += int(reply["applied"])  # a repeated vector is one notification
     finally:
         await client.disconnect()
 

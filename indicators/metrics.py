@@ -15,14 +15,21 @@ custom collector, so the hot path pays nothing for observability:
   applied.
 
 The endpoint listens on loopback by default (``[metrics] address, port``).
+It serves at most ``MAX_HANDLERS`` connections at once (more are closed at
+once) and gives each ``TIMEOUT`` seconds of socket inactivity, so slow or
+idle connections cannot pile up threads.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -30,6 +37,11 @@ from .adapters import Adapter
 from .stats import EngineStats
 
 __all__ = ["EngineCollector", "serve_metrics"]
+
+#: Connections served at once; more are closed without an answer.
+MAX_HANDLERS = 4
+#: Seconds a connection may stay silent (reading the request, taking the answer).
+TIMEOUT = 5.0
 
 _TOTALS = (
     ("notifications", "notifications", "Notifications accepted."),
@@ -100,9 +112,56 @@ class EngineCollector(Collector):
         yield from families.values()
 
 
+class _Handler(WSGIRequestHandler):
+    """One scrape: a socket timeout, and no access log."""
+
+    timeout = TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing (a scraper every few seconds would fill the log)."""
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``MAX_HANDLERS`` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_HANDLERS)
+        #: Connections closed because every handler was busy.
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def serve_metrics(collector: EngineCollector, address: str, port: int) -> tuple[Any, int]:
-    """Serve ``collector`` on ``http://address:port/metrics``; returns (server, port)."""
+    """Serve ``collector`` on ``http://address:port/metrics``; returns ((server, thread), port)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    server, thread = start_http_server(port, addr=address, registry=registry)
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_BoundedServer):
+        address_family = family
+
+    server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, _Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     return (server, thread), server.server_address[1]

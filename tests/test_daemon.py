@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from attack_helpers import FakeQemu
 from daemon_helpers import (
     LOCKED_PAGE,
     MEMORY,
@@ -47,7 +49,9 @@ from daemon_helpers import (
 from qemu.qmp import ConnectError, ExecuteError, QMPError
 
 from indicators.config import parse_config
+from indicators.daemon.commands import FailureBatch, failure_message
 from indicators.daemon.service import Service
+from indicators.engine import NotifyError
 from indicators.guestmem import GuestMemory
 from indicators.memop import EmulatedBackend
 
@@ -167,8 +171,8 @@ async def test_notify_single_vector_sets_dsci_and_summary(service: Service, clie
 
 async def test_notify_list_of_vectors(service: Service, client: Client) -> None:
     memory = memory_of(service)
-    vectors = [0, 7, 8, 31, 63, 7]
-    assert await client.execute("notify", {"device": "net0", "vector": vectors}) == {"applied": 6}
+    vectors = [0, 7, 8, 31, 63, 7]  # a duplicate counts once
+    assert await client.execute("notify", {"device": "net0", "vector": vectors}) == {"applied": 5}
     assert [n for n in range(64) if is_set(memory, NET_DSCI, n)] == [0, 7, 8, 31, 63]
     assert await client.execute("notify", {"device": "pci0", "vector": [3]}) == {"applied": 1}
     assert is_set(memory, PCI_AIBV, 3)
@@ -209,20 +213,45 @@ async def test_notify_bad_arguments_are_named_and_nothing_is_applied(
     assert await client.execute("notify", {"device": "net0", "vector": 1}) == {"applied": 1}
 
 
+@pytest.mark.parametrize(
+    ("vector", "desc"),
+    [
+        ("1", "Invalid parameter 'vector': expected an integer or a list of integers; "
+              'got a string "1"'),
+        ([1, "2"], "Invalid parameter 'vector': expected an integer or a list of integers; "
+                   'item 1 is a string "2"'),
+        (None, "Invalid parameter 'vector': expected an integer or a list of integers; got null"),
+    ],
+)  # fmt: skip
+async def test_argument_errors_read_as_a_person_would_write_them(
+    client: Client, vector: object, desc: str
+) -> None:
+    error = await expect_error(client, "notify", {"device": "net0", "vector": vector})
+    assert error == desc
+    assert "list[int]" not in error
+
+
 async def test_failed_notify_reports_code_and_event(service: Service, client: Client) -> None:
     """Device key 5 on a page whose storage key has ACC 3: protection (code 4)."""
     with client.listener(names=("NOTIFY_FAILED",)) as listener:
         desc = await expect_error(client, "notify", {"device": "locked", "vector": [1, 2]})
-        assert "device 'locked': 0 of 2 applied" in desc
-        assert "vector 1" in desc and "vector 2" in desc and "(code 4)" in desc
-        events = [await next_event(listener), await next_event(listener)]
-    for vector, event in zip((1, 2), events, strict=True):
-        assert event["event"] == "NOTIFY_FAILED"
-        data = event["data"]
-        assert (data["device"], data["vector"], data["code"]) == ("locked", vector, "4")
-        assert "protection" in data["desc"]
+        assert "device 'locked': 0 of 2 applied, 2 failed (code 4: 2)" in desc
+        for vector in (1, 2):
+            assert f"vector {vector}: " in desc
         # the summary (same page) is checked before any dsci bit is written: it is named
-        assert f"gaddr {LOCKED_PAGE:#x}" in data["desc"] and "key 5" in data["desc"]
+        assert f"(code 4) on the summary at gaddr {LOCKED_PAGE:#x} size 1 key 5" in desc
+        event = await next_event(listener)  # one event for the batch
+        await client.execute("query-stats")  # any second event would have come before
+        assert listener.empty()
+    assert event["event"] == "NOTIFY_FAILED"
+    data = event["data"]
+    assert (data["device"], data["vector"], data["code"]) == ("locked", 1, "4")
+    assert (data["where"], data["gaddr"], data["size"], data["key"]) == (
+        "summary", LOCKED_PAGE, 1, 5
+    )
+    assert data["count"] == 2 and data["codes"] == {"4": 2}
+    assert [(f["vector"], f["code"]) for f in data["first"]] == [(1, "4"), (2, "4")]
+    assert "protection" in data["desc"]
     memory = memory_of(service)
     assert memory.read(LOCKED_PAGE, 0x101) == bytes(0x101)  # neither dsci nor summary
     stats = await client.execute("query-stats")
@@ -360,9 +389,9 @@ async def test_query_stats_counts(client: Client) -> None:
     with contextlib.suppress(ExecuteError):
         await client.execute("notify", {"device": "locked", "vector": 0})
     stats = await client.execute("query-stats")
-    assert stats["notifications"] == 5
-    assert stats["applied"] == 4
-    assert stats["merged"] == 1  # vector 1 twice in one batch: one bit
+    assert stats["notifications"] == 4  # vector 1 twice in one notify counts once
+    assert stats["applied"] == 3
+    assert stats["merged"] == 0
     assert stats["interrupts-injected"] == 2
     assert stats["failures"] == {"4": 1}
     assert (stats["pending"], stats["paused"], stats["holds"]) == (0, False, [])
@@ -382,7 +411,7 @@ async def attach(client: Client, fd: int, device: str, vector: int, name: str = 
 
 async def test_eventfd_attach_signal_detach(service: Service, client: Client) -> None:
     memory = memory_of(service)
-    efd = os.eventfd(0)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         await attach(client, efd, "net0", 9)
         stats = await client.execute("query-stats")
@@ -396,7 +425,7 @@ async def test_eventfd_attach_signal_detach(service: Service, client: Client) ->
         assert stats["eventfds"][0]["signals"] == 3
 
         # A second eventfd on the same vector is refused (and the passed fd closed).
-        other = os.eventfd(0)
+        other = os.eventfd(0, os.EFD_NONBLOCK)
         try:
             client.send_fd_scm(other)
             await client.execute("getfd", {"fdname": "again"})
@@ -423,7 +452,7 @@ async def test_eventfd_attach_signal_detach(service: Service, client: Client) ->
 async def test_eventfd_for_an_unknown_target_is_refused(
     client: Client, device: str, vector: int, named: str
 ) -> None:
-    efd = os.eventfd(0)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         client.send_fd_scm(efd)
         await client.execute("getfd", {"fdname": "ev"})
@@ -434,9 +463,9 @@ async def test_eventfd_for_an_unknown_target_is_refused(
         os.close(efd)
 
 
-async def test_eventfds_per_client_are_limited(tmp_path: Path) -> None:
+async def test_eventfds_per_uid_are_limited_over_connections(tmp_path: Path) -> None:
     service = await start_service(tmp_path, control={"max_eventfds_per_client": 2})
-    efds = [os.eventfd(0) for _ in range(4)]
+    efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(4)]
     try:
         async with (
             qmp_client(service.socket_path) as first,
@@ -450,11 +479,14 @@ async def test_eventfds_per_client_are_limited(tmp_path: Path) -> None:
                 assert await first.execute("attach-eventfd", args) == {}
             args = {"device": "net0", "vector": 2, "fdname": "e2"}
             assert "at most 2 eventfds" in await expect_error(first, "attach-eventfd", args)
+            # Another connection of the same uid gains nothing (the limit is the uid's).
             second.send_fd_scm(efds[3])
             await second.execute("getfd", {"fdname": "mine"})
             args = {"device": "net0", "vector": 3, "fdname": "mine"}
-            assert await second.execute("attach-eventfd", args) == {}, "another client may"
-            assert len((await second.execute("query-stats"))["eventfds"]) == 3
+            assert "uid 0 may attach at most 2" in await expect_error(
+                second, "attach-eventfd", args
+            )
+            assert len((await second.execute("query-stats"))["eventfds"]) == 2
     finally:
         for efd in efds:
             os.close(efd)
@@ -493,7 +525,7 @@ async def test_100000_eventfd_writes_from_another_process_all_applied(
     writes = 100_000
     memory = memory_of(service)
     byte, mask = bit_of(NET_DSCI, 33)
-    efd = os.eventfd(0)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
     go_read, go_write = os.pipe()
     try:
         await attach(client, efd, "net0", 33)
@@ -743,12 +775,44 @@ async def test_unreachable_vmm_holds_notifications_and_stop_applies_them(
             await service.stop()
 
 
+async def test_the_vmm_link_logs_once_per_state_change_naming_the_socket(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    qmp = tmp_path / "qemu" / "qmp.sock"
+    qmp.parent.mkdir()
+    vmm = {"qmp_socket": str(qmp), "reconnect_backoff_cap": 0.01}
+    service = await start_service(tmp_path, vmm=vmm)
+
+    def lines(level: int, text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level
+                and text in r.getMessage()]  # fmt: skip
+
+    try:
+        # Many attempts, one line above debug level.
+        await wait_until(lambda: len(lines(logging.DEBUG, "is unreachable")) >= 20)
+        assert lines(logging.WARNING, "is unreachable") == [
+            f"QEMU's QMP socket {qmp} is unreachable ([Errno 2] No such file or directory); "
+            "retrying every 0.01 s at most"
+        ]
+        with FakeQemu(qmp.parent, size=MEMORY):
+            await wait_until(lambda: service.vmm is not None and service.vmm.status == "running")
+            assert lines(logging.INFO, "connected to QEMU") == [
+                f"connected to QEMU at {qmp} (running)"
+            ]
+        await wait_until(lambda: len(lines(logging.WARNING, "is unreachable")) == 2)
+        assert len(lines(logging.WARNING, f"QMP link to {qmp} lost")) == 1
+    finally:
+        await service.stop(grace=1.0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "nothing at ERROR"
+
+
 # -------------------------------------------------------- quit and signals
 
 
 async def test_quit_stops_the_service(tmp_path: Path) -> None:
     service = Service(parse_config(daemon_config(tmp_path / "control.sock"), "<test>"))
-    running = asyncio.create_task(service.run())
+    running = asyncio.create_task(service.run(no_new_privs=False))
     await wait_until(lambda: os.path.exists(service.socket_path))
     async with qmp_client(service.socket_path) as client:
         assert await client.execute("notify", {"device": "net0", "vector": 0}) == {"applied": 1}
@@ -817,6 +881,8 @@ async def test_sighup_reloads_safe_changes_and_refuses_backend_changes(tmp_path:
             write_config(daemon.config, reloaded)
             daemon.signal(signal.SIGHUP)
             await wait_until(lambda: "config reloaded: 5 devices" in daemon.logs())
+            added = "reload: device 'net1' added at dsci 0x10140/0x80..0x10147/0x01 (64 vectors)"
+            assert added in daemon.logs()
             assert await client.execute("notify", {"device": "net1", "vector": 0}) == {"applied": 1}
 
             # A different backend: refused, the running config stays.
@@ -843,3 +909,45 @@ async def test_sighup_reloads_safe_changes_and_refuses_backend_changes(tmp_path:
         assert await asyncio.to_thread(daemon.wait) == 0, daemon.logs()
     assert "stopping (quit command)" in daemon.logs()
     assert not os.path.exists(daemon.socket)
+
+
+async def test_reload_logs_each_device_added_removed_or_moved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = daemon_config(tmp_path / "control.sock")
+    path = write_config(tmp_path / "daemon.toml", raw)
+    service = Service(parse_config(raw, "<test>"), config_path=str(path))
+    await service.start()
+    try:
+        caplog.set_level(logging.INFO, logger="indicators")
+        route0 = {**raw["devices"][2], "ind_addr": ROUTE_IND + 0x100}
+        moved = [raw["devices"][0], route0, raw["devices"][3]]  # pci0 removed
+        write_config(path, {**raw, "devices": moved})
+        assert service.reload() == "reloaded"
+    finally:
+        await service.stop(grace=1.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reload: ")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("reload: device 'pci0' removed from dsci 0x10200/0x80..")
+    assert lines[1].startswith(
+        "reload: device 'route0' moved from dsci 0x10300/0x80..0x10300/0x10 (4 vectors)"
+    )
+    assert "to dsci 0x10400/0x80..0x10400/0x10 (4 vectors)" in lines[1]
+
+
+def test_a_failure_is_located_where_the_engine_says() -> None:
+    """Once the engine names the step (dsci or summary) and errno, reply and event carry them."""
+    error = NotifyError("net0", 3, "4", "program exception 4 (protection)",
+                        gaddr=0x10000, size=1, key=5)  # fmt: skip
+    error.where = "summary"  # type: ignore[attr-defined]
+    error.errno = None  # type: ignore[attr-defined]
+    batch = FailureBatch()
+    batch.add(error)
+    data = batch.summary()
+    assert (data["where"], data["gaddr"], data["size"], data["key"]) == ("summary", 0x10000, 1, 5)
+    assert (data["device"], data["vector"], data["code"], data["count"]) == ("net0", 3, "4", 1)
+    reply = failure_message("net0", 2, [error])
+    assert reply == (
+        "device 'net0': 1 of 2 applied, 1 failed (code 4: 1); vector 3: program exception 4 "
+        "(protection) (code 4) on the summary at gaddr 0x10000 size 1 key 5"
+    )

@@ -293,7 +293,9 @@ async def _through_socket(client: QMPClient, n: int, seed: int, batch: int) -> N
     sent = 0
     while sent < n:
         device = DEVICES[rng.randrange(len(DEVICES))]
-        vectors = [rng.randrange(_vectors(device)) for _ in range(min(batch, n - sent))]
+        # Distinct vectors: a notify counts a repeated vector once.
+        count = min(batch, n - sent, _vectors(device))
+        vectors = rng.sample(range(_vectors(device)), count)
         reply = await client.execute("notify", {"device": device["name"], "vector": vectors})
         assert reply == {"applied": len(vectors)}
         sent += len(vectors)

@@ -37,7 +37,8 @@ def _ids(pid: int) -> tuple[list[int], list[int]]:
 def test_run_as_drops_to_the_user_after_opening_the_ram_file(tmp_path: Path) -> None:
     # The pytest directories are root's 0700: the socket goes where nobody can reach.
     sockets = Path(tempfile.mkdtemp(prefix="indicators-run-as-"))
-    sockets.chmod(0o777)
+    sockets.chmod(0o755)
+    os.chown(sockets, 65534, 65534)  # the run_as user's own directory (no one else writes it)
     ram = tmp_path / "ram"  # created by root, mode 0600: only the pre-drop open can map it
     raw = daemon_config(sockets / "control.sock", ram=ram, run_as={"user": "nobody"})
     with running_daemon(tmp_path, raw) as daemon:
@@ -45,6 +46,8 @@ def test_run_as_drops_to_the_user_after_opening_the_ram_file(tmp_path: Path) -> 
         assert uids == [65534] * 4 and gids == [65534] * 4, (uids, gids)
         assert os.stat(daemon.socket).st_uid == 65534
         assert oct(os.stat(ram).st_mode & 0o777) == "0o600"
+        status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), "no new privileges once started"
 
         async def notify() -> object:
             async with qmp_client(daemon.socket) as client:  # root is always admitted

@@ -203,11 +203,15 @@ async def test_echo_with_pydantic_arguments(server: QmpServer, probe: Probe) -> 
 @pytest.mark.parametrize(
     ("command", "arguments", "desc"),
     [
-        ("echo", {"text": 5}, "Invalid parameter 'text': Input should be a valid string"),
+        (
+            "echo",
+            {"text": 5},
+            "Invalid parameter 'text': Input should be a valid string (got an integer 5)",
+        ),
         (
             "echo",
             {"text": "a", "count": "2"},
-            "Invalid parameter 'count': Input should be a valid integer",
+            "Invalid parameter 'count': Input should be a valid integer (got a string \"2\")",
         ),
         ("echo", {"text": "a", "bogus": 1}, "Parameter 'bogus' is unexpected"),
         ("echo", {}, "Parameter 'text' is missing"),

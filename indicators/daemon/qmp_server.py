@@ -45,41 +45,64 @@ Behaviour a client can rely on:
   stream resynchronises after it.
 - When a client hangs up, its in-flight handlers still run to completion (a
   half-closed client still gets the replies); their fds are closed.
+- Bounded: at most ``max_sessions`` clients at once and
+  ``max_sessions_per_uid`` of one uid (a client over either gets one
+  ``GenericError`` and is hung up on); ``getfd`` stores at most ``max_fds``
+  fds per client; a client that has not negotiated within
+  ``negotiation_timeout`` seconds, or sent nothing for ``idle_timeout``
+  seconds (when set), is disconnected.  An fd belongs to the message it came
+  with; a command that does not store it (``getfd``) closes it.
+- The socket file is created with its final mode (never chmod-ed by path),
+  in a directory no other user can write (else :class:`SocketDirError`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import functools
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import TypeVar, overload
 
 from pydantic import BaseModel
 
+from .loglimit import LogLimiter
 from .qmp_session import CapabilitiesArgs, Handler, PeerCredentials, QmpCommand, QmpSession
 from .qmp_wire import (
     COMMAND_NOT_FOUND,
     QmpArgs,
     QmpCommandError,
     encode,
+    error_reply,
     event_message,
     greeting_message,
     timestamp,
     version_info,
 )
+from .socketfile import SocketDirError, check_socket_dir, listen_unix
 
 # The server with everything an application needs to register commands on it.
-__all__ = ["PeerCredentials", "QmpArgs", "QmpCommand", "QmpCommandError", "QmpServer", "QmpSession"]
+__all__ = [
+    "PeerCredentials",
+    "QmpArgs",
+    "QmpCommand",
+    "QmpCommandError",
+    "QmpServer",
+    "QmpSession",
+    "SocketDirError",
+]
 
 logger = logging.getLogger(__name__)
 
+
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
+
+# Lines a local peer can provoke at will (refusals) are rate-limited.
+_LIMITER = LogLimiter(burst=5, period=60.0)
 
 
 class QmpServer:
@@ -102,8 +125,13 @@ class QmpServer:
         max_queued: int = 1024 * 1024,
         max_rate: float | None = None,
         allowed: Callable[[PeerCredentials], bool] | None = None,
+        max_sessions: int = 128,
+        max_sessions_per_uid: int = 64,
+        max_fds: int = 16,
+        negotiation_timeout: float | None = 30.0,
+        idle_timeout: float | None = None,
     ) -> None:
-        if max_message < 1 or max_pending < 1 or max_queued < 1:
+        if min(max_message, max_pending, max_queued, max_sessions, max_sessions_per_uid) < 1:
             raise ValueError("QMP server limits must be positive")
         self.path = path
         self.mode = mode
@@ -115,6 +143,17 @@ class QmpServer:
         self.max_queued = max_queued
         #: Requests per second per client (None: unlimited); excess is read later.
         self.max_rate = max_rate
+        #: Clients served at once, in all and per uid.
+        self.max_sessions = max_sessions
+        self.max_sessions_per_uid = max_sessions_per_uid
+        #: fds one client may keep stored with ``getfd``.
+        self.max_fds = max_fds
+        #: Seconds a client has for ``qmp_capabilities``; None: forever.
+        self.negotiation_timeout = negotiation_timeout
+        #: Seconds without input after which a client is hung up on; None: never.
+        self.idle_timeout = idle_timeout
+        #: Clients turned away because a cap was reached.
+        self.refused_over_cap = 0
         #: The greeting every admitted client gets first.
         self.greeting = encode(greeting_message(version, package, self.capabilities))
         self._allowed = allowed
@@ -175,20 +214,31 @@ class QmpServer:
         self._commands[name] = QmpCommand(name, handler, args_model, returns)
 
     def admits(self, credentials: PeerCredentials) -> bool:
-        """Whether a peer with these credentials may use the server."""
+        """Whether a peer with these credentials may use the server (a refusal is logged,
+        rate-limited, once)."""
         if self._allowed is None:
             return True
         try:
-            return bool(self._allowed(credentials))
+            allowed = bool(self._allowed(credentials))
         except Exception:
             logger.exception("QMP peer check failed for %s", credentials)
-            return False
+            allowed = False
+        if not allowed:
+            _LIMITER.warning(
+                logger,
+                "refused-peer",
+                "refused control client pid %d uid %d gid %d on %s",
+                *credentials,
+                self.path,
+            )
+        return allowed
 
     async def start(self) -> None:
         """Bind the socket (mode ``mode``, set before anyone can connect) and accept clients."""
         if self._listener is not None:
             raise RuntimeError(f"QMP server on {self.path} is already started")
-        self._listener = _listen(self.path, self.mode)
+        check_socket_dir(os.path.dirname(os.path.abspath(self.path)))
+        self._listener = listen_unix(self.path, self.mode)
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"qmp-accept {self.path}")
@@ -261,13 +311,40 @@ class QmpServer:
         try:
             session = QmpSession(self, conn, self._count)
         except OSError as exc:
-            logger.warning("QMP peer on %s vanished before it was served: %s", self.path, exc)
+            logger.debug("QMP peer on %s vanished before it was served: %s", self.path, exc)
             conn.close()
+            return
+        # Refusals are answered at once and never counted: a refused peer that
+        # lingered would hold an fd and a place under the caps it is kept from.
+        if not self.admits(session.credentials):
+            self._turn_away(conn, f"Permission denied for uid {session.credentials.uid}")
+            return
+        over = self._over_cap(session.credentials.uid)
+        if over is not None:
+            self.refused_over_cap += 1
+            _LIMITER.warning(logger, "over-cap", "QMP %r refused: %s", session, over)
+            self._turn_away(conn, over)
             return
         self._count += 1
         task = asyncio.create_task(session.run(), name=f"qmp-session-{session.number}")
         self._sessions[session] = task
         task.add_done_callback(functools.partial(self._session_done, session))
+
+    @staticmethod
+    def _turn_away(conn: socket.socket, why: str) -> None:
+        """One GenericError instead of the greeting, then hang up."""
+        with contextlib.suppress(OSError):  # a fresh socket's buffer takes one short line
+            conn.send(encode(error_reply(QmpCommandError(why), {})))
+        conn.close()
+
+    def _over_cap(self, uid: int) -> str | None:
+        """Why a new client of ``uid`` may not be served now (None: it may)."""
+        if len(self._sessions) >= self.max_sessions:
+            return f"too many clients: at most {self.max_sessions} at once"
+        mine = sum(1 for s in self._sessions if s.credentials.uid == uid)
+        if mine >= self.max_sessions_per_uid:
+            return f"too many clients of uid {uid}: at most {self.max_sessions_per_uid} at once"
+        return None
 
     def _session_done(self, session: QmpSession, task: asyncio.Task[None]) -> None:
         self._sessions.pop(session, None)
@@ -302,40 +379,3 @@ async def _getfd(args: _FdnameArgs, session: QmpSession) -> object:
 async def _closefd(args: _FdnameArgs, session: QmpSession) -> object:
     os.close(session.take_fd(args.fdname))
     return {}
-
-
-def _listen(path: str, mode: int) -> socket.socket:
-    """A listening socket at ``path`` whose mode is set before ``listen`` admits anyone."""
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        try:
-            os.chmod(path, mode)
-            sock.listen(128)
-        except BaseException:
-            os.unlink(path)
-            raise
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket nobody listens on; refuse to touch anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-            return
-    raise OSError(errno.EADDRINUSE, "another server is listening", path)

@@ -14,6 +14,13 @@ system calls as possible:
 - output is written at once with a non-blocking ``send``; only what the
   kernel does not take waits in a buffer, sent when the socket is writable.
 
+fds passed with SCM_RIGHTS belong to the message they came with (the one
+whose bytes end the chunk that carried them, or, when they came with
+whitespace only, as ``qemu.qmp``'s ``send_fd_scm`` sends them, the next
+one); whatever that message's command did not store is closed when it is
+answered, so a surplus in one message never shifts the pairing of a later
+one.
+
 Input stops being read while the client has ``max_pending`` requests in
 flight, while more than half of ``max_queued`` of its output is unsent, and
 while it is over its rate.  Command handlers get the session of their caller
@@ -30,6 +37,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -65,8 +73,13 @@ logger = logging.getLogger(__name__)
 _RECV_SIZE = 65536
 _MAX_FDS_PER_RECV = 8
 _ANCILLARY_SIZE = socket.CMSG_LEN(_MAX_FDS_PER_RECV * array.array("i").itemsize)
-_MAX_UNCLAIMED_FDS = 16  # fds passed but not yet claimed by getfd
+_MAX_UNCLAIMED_FDS = 16  # fds passed with whitespace, waiting for their message
 _DENY_LINGER = 1.0  # seconds to deliver the refusal to a peer that is not allowed
+
+#: The fds that came with the message whose command runs in this task.
+_MESSAGE_FDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "qmp_message_fds", default=None
+)
 
 #: ``async def handler(args, session) -> JSON-able``; ``args`` is the validated model or None.
 Handler = Callable[[Any, "QmpSession"], Awaitable[object]]
@@ -100,12 +113,13 @@ class QmpCommand:
 class _Reply:
     """A reply slot in request order: None until its handler has answered."""
 
-    __slots__ = ("data", "events", "task")
+    __slots__ = ("data", "events", "fds", "task")
 
     def __init__(self, data: bytes | None = None, events: bool = False) -> None:
         self.data = data
         self.events = events  # the qmp_capabilities reply: events may follow it
         self.task: asyncio.Task[None] | None = None
+        self.fds: list[int] = []  # its message's fds not (yet) claimed by the handler
 
 
 class QmpSession:
@@ -132,11 +146,11 @@ class QmpSession:
         # (qemu.qmp included) expects that reply as the first message after the greeting.
         self._events_on = False
         self._fds: dict[str, int] = {}
-        self._unclaimed: deque[int] = deque()
+        self._unclaimed: list[int] = []  # passed, waiting for the message they belong to
         # Input: frames read but not started wait in _frames; the socket is read
         # (the reader stays registered) only while none wait.
         self._framer = JsonFramer(server.max_message)
-        self._frames: deque[object] = deque()
+        self._frames: deque[tuple[object, list[int]]] = deque()  # (frame, its fds)
         self._input_open = True  # False after EOF, a read error, a framing error, close()
         self._reading = False
         self._rate = server.max_rate
@@ -159,6 +173,8 @@ class QmpSession:
         self._grace: asyncio.TimerHandle | None = None
         self._closing = False
         self._ended = False  # torn down: nothing is read, started or sent any more
+        self._deadline: asyncio.TimerHandle | None = None  # negotiation, then idle
+        self._last_input = self._loop.time()
 
     def __repr__(self) -> str:
         pid, uid, _ = self.credentials
@@ -189,7 +205,7 @@ class QmpSession:
         """Stop reading; deliver in-flight replies for up to ``grace`` seconds, then hang up."""
         self._closing = True
         self._input_open = False
-        self._frames.clear()
+        self._drop_frames()
         if self._finished is None or self._ended:  # not serving yet: run() returns at once
             return
         self._want_input()
@@ -201,13 +217,23 @@ class QmpSession:
         self._check_done()
 
     def store_received_fd(self, name: str) -> None:
-        """``getfd``: store the oldest fd the client passed and no command claimed yet."""
-        if not self._unclaimed:
+        """``getfd``: store the fd that came with this command's message.
+
+        Call it from a command handler.  Without an fd, or over the
+        per-client cap, a :class:`QmpCommandError` says so (the fd is closed
+        with the message's other unclaimed fds).
+        """
+        fds = _MESSAGE_FDS.get()
+        if not fds:
             raise QmpCommandError("No file descriptor supplied via SCM_RIGHTS")
-        fd = self._unclaimed.popleft()
         if name[:1].isdigit():  # QEMU consumes the fd in this case too
-            os.close(fd)
             raise QmpCommandError("Parameter 'fdname' expects a name not starting with a digit")
+        limit = self.server.max_fds
+        if name not in self._fds and len(self._fds) >= limit:
+            raise QmpCommandError(
+                f"fdname '{name}': a client may keep at most {limit} fds stored; closefd one first"
+            )
+        fd = fds.pop(0)
         old = self._fds.pop(name, None)
         if old is not None:
             os.close(old)
@@ -223,6 +249,9 @@ class QmpSession:
                 return
             if self._admitted():
                 self._want_input()
+                timeout = self.server.negotiation_timeout
+                if timeout is not None:
+                    self._deadline = self._loop.call_later(timeout, self._negotiation_expired)
             else:
                 self.close(_DENY_LINGER)
             await self._finished
@@ -233,7 +262,6 @@ class QmpSession:
         if self.server.admits(self.credentials):
             self._enqueue(self.server.greeting)
             return True
-        logger.warning("QMP peer %s refused", self.credentials)
         denied = QmpCommandError(f"Permission denied for uid {self.credentials.uid}")
         self._enqueue(encode(error_reply(denied, {})))
         return False
@@ -254,7 +282,7 @@ class QmpSession:
         if self._writing:
             self._loop.remove_writer(self._fileno)
             self._writing = False
-        for timer in (self._throttle, self._grace):
+        for timer in (self._throttle, self._grace, self._deadline):
             if timer is not None:
                 timer.cancel()
         tasks = list(self._tasks)
@@ -263,12 +291,45 @@ class QmpSession:
         try:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
+            for reply in self._replies:  # handlers cancelled before they ever ran
+                _close_all(reply.fds)
             for fd in [*self._fds.values(), *self._unclaimed]:
                 _close_quietly(fd)
+            self._drop_frames()
             self._fds.clear()
             self._unclaimed.clear()
             self._sock.close()
             logger.debug("QMP %r disconnected", self)
+
+    # -- deadlines --------------------------------------------------------------
+
+    def _negotiation_expired(self) -> None:
+        self._deadline = None
+        if self._negotiated or self._closing:
+            return
+        logger.debug("QMP %r did not negotiate in time; disconnecting it", self)
+        late = QmpCommandError("Capabilities negotiation timed out; disconnecting")
+        self._enqueue(encode(error_reply(late, {})))
+        self.close(grace=0.0)
+
+    def _arm_idle(self) -> None:
+        idle = self.server.idle_timeout
+        if idle is not None and not self._closing:
+            self._deadline = self._loop.call_at(self._last_input + idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Hang up on a client that sent nothing for ``idle_timeout`` and awaits nothing."""
+        self._deadline = None
+        idle = self.server.idle_timeout
+        if idle is None or self._closing:
+            return
+        now = self._loop.time()
+        if self._replies or now - self._last_input < idle:  # busy, or input came since
+            when = max(self._last_input + idle, now + min(idle, 1.0))
+            self._deadline = self._loop.call_at(when, self._idle_check)
+            return
+        logger.debug("QMP %r idle for %g s; disconnecting it", self, idle)
+        self.close(grace=0.0)
 
     # -- input ------------------------------------------------------------------
 
@@ -294,36 +355,48 @@ class QmpSession:
             logger.debug("QMP %r: read failed: %r", self, exc)
             self._end_input()
             return
-        if ancdata:
-            self._keep_fds(ancdata)
+        carried = _received_fds(ancdata) if ancdata else []
         if flags & socket.MSG_CTRUNC:  # the kernel closed the fds that did not fit
-            logger.warning("QMP %r passed more than %d fds at once", self, _MAX_FDS_PER_RECV)
+            logger.debug("QMP %r passed more than %d fds at once", self, _MAX_FDS_PER_RECV)
         if not data:
+            for fd in carried:
+                _close_quietly(fd)
             self._end_input()
             return
-        frames = self._framer.feed(data)
+        self._last_input = self._loop.time()
+        framer = self._framer
+        frames = framer.feed(data)
+        # The kernel ends a read after the data that carried fds: they belong to
+        # the message that ends this chunk, or to the next one when the chunk
+        # ends inside a message or between messages without completing one.
+        # fds waiting from earlier chunks belong to the first message completed.
+        owned: list[list[int]] = [[] for _ in frames]
+        if frames and self._unclaimed:
+            owned[0], self._unclaimed = self._unclaimed, []
+        if carried:
+            if frames and not framer.partial:
+                owned[-1].extend(carried)
+            else:
+                self._wait_fds(carried)
         if not frames:
             return
-        self._frames.extend(frames)
+        self._frames.extend(zip(frames, owned, strict=True))
         self._corked = True
         try:
             self._pump()
         except Exception:  # a bug: stop reading this client rather than spin
             logger.exception("QMP %r: reading failed", self)
-            self._frames.clear()
+            self._drop_frames()
             self._end_input()
         finally:
             self._uncork()
 
-    def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
-        fds = array.array("i")
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    def _wait_fds(self, fds: list[int]) -> None:
+        """Keep ``fds`` for the next message, at most :data:`_MAX_UNCLAIMED_FDS` of them."""
         self._unclaimed.extend(fds)
         while len(self._unclaimed) > _MAX_UNCLAIMED_FDS:
-            logger.warning("QMP %r passed too many fds without getfd; closing one", self)
-            os.close(self._unclaimed.popleft())
+            logger.debug("QMP %r passed too many fds without a message; closing one", self)
+            _close_quietly(self._unclaimed.pop(0))
 
     def _end_input(self) -> None:
         self._input_open = False
@@ -345,10 +418,10 @@ class QmpSession:
                     or (self._rate and not self._take_token())
                 ):
                     break
-                frame = frames.popleft()
-                self._start(frame)
+                frame, fds = frames.popleft()
+                self._start(frame, fds)
                 if isinstance(frame, FramingError):  # the stream cannot be trusted any more
-                    frames.clear()
+                    self._drop_frames()
                     self._end_input()
                     return
         finally:
@@ -378,33 +451,51 @@ class QmpSession:
         self._token_due = True
         self._pump()
 
-    def _start(self, frame: object) -> None:
+    def _drop_frames(self) -> None:
+        """Forget the frames not started, closing the fds that came with them."""
+        for _, fds in self._frames:
+            for fd in fds:
+                _close_quietly(fd)
+        self._frames.clear()
+
+    def _start(self, frame: object, fds: list[int]) -> None:
+        if not self._start_frame(frame, fds):
+            _close_all(fds)  # answered at once: no handler could claim them
+
+    def _start_frame(self, frame: object, fds: list[int]) -> bool:
+        """Answer ``frame`` or start its handler; True if the handler took ``fds``."""
         if isinstance(frame, QmpCommandError):
             self._answer(error_reply(frame, {}))
-            return
+            return False
         echo, request = parse_request(frame)
         if isinstance(request, QmpCommandError):
             self._answer(error_reply(request, echo))
-            return
+            return False
         if not self._negotiated:
             self._answer(self._negotiate(request, echo), events=self._negotiated)
-            return
+            if self._negotiated and self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+                self._arm_idle()
+            return False
         command = self._commands.get(request.command)
         if command is None:
             missing = QmpCommandError(
                 f"The command {request.command} has not been found", COMMAND_NOT_FOUND
             )
             self._answer(error_reply(missing, echo))
-            return
+            return False
         reply = _Reply()
+        reply.fds = fds
         self._replies.append(reply)
         task = self._loop.create_task(
-            self._execute(command, request.arguments, echo, reply),
+            self._execute(command, request.arguments, echo, reply, fds),
             name=f"qmp-{self.number}-{command.name}",
         )
         if not task.done():  # an eager task factory may have run it to completion
             reply.task = task
             self._tasks.add(task)
+        return True
 
     def _answer(self, message: Mapping[str, object], events: bool = False) -> None:
         """A reply known at once: sent now unless earlier requests are still running."""
@@ -441,8 +532,26 @@ class QmpSession:
         arguments: dict[str, object],
         echo: dict[str, object],
         reply: _Reply,
+        fds: list[int],
     ) -> None:
-        """Run one handler and hand its reply over as soon as it is done (no task hop)."""
+        """Run one handler and hand its reply over as soon as it is done (no task hop).
+
+        The handler may claim ``fds`` (the ones its message carried); the rest
+        are closed when it is done.
+        """
+        _MESSAGE_FDS.set(fds)
+        try:
+            await self._run_handler(command, arguments, echo, reply)
+        finally:
+            _close_all(fds)
+
+    async def _run_handler(
+        self,
+        command: QmpCommand,
+        arguments: dict[str, object],
+        echo: dict[str, object],
+        reply: _Reply,
+    ) -> None:
         try:
             args = validate_arguments(command.args_model, arguments)
             result = await command.handler(args, self)
@@ -535,7 +644,7 @@ class QmpSession:
     def _output_failed(self, exc: OSError) -> None:
         logger.debug("QMP %r: write failed: %r", self, exc)
         self._out.clear()
-        self._frames.clear()
+        self._drop_frames()
         self._input_open = False
         self._ended = self._closing = True  # the peer is gone: nothing more can reach it
         self._want_input()
@@ -593,6 +702,18 @@ class QmpHost(Protocol):
     def max_rate(self) -> float | None:
         """Requests per second one client may send (a burst of one second's worth)."""
 
+    @property
+    def max_fds(self) -> int:
+        """fds one client may keep stored with ``getfd``."""
+
+    @property
+    def negotiation_timeout(self) -> float | None:
+        """Seconds a new client has to send ``qmp_capabilities``."""
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds without input before a negotiated client is hung up on."""
+
     def admits(self, credentials: PeerCredentials) -> bool:
         """Whether a peer with these credentials may use the server."""
         ...
@@ -601,3 +722,18 @@ class QmpHost(Protocol):
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close every fd in ``fds`` and empty it (so nobody closes a number twice)."""
+    while fds:
+        _close_quietly(fds.pop())
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of SCM_RIGHTS messages in ``ancdata``."""
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)

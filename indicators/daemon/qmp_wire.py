@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .argerrors import describe_validation_error
+
 __all__ = [
     "COMMAND_NOT_FOUND",
     "GENERIC_ERROR",
@@ -152,6 +154,11 @@ class JsonFramer:
         if self._pos - self._start > self._max_message:
             frames.append(self._too_large())
         return frames
+
+    @property
+    def partial(self) -> bool:
+        """Whether bytes of a value not yet complete are buffered (whitespace is not)."""
+        return bool(self._buf[self._start :].strip())
 
     def _whole(self, data: bytes) -> object:
         """The value ``data`` holds if it is one valid JSON object (then whitespace) that
@@ -319,22 +326,6 @@ def validate_arguments(
         return model.__pydantic_validator__.validate_json(_dumps(arguments))  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise QmpCommandError(describe_validation_error(exc)) from exc
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One sentence per failed field, in QEMU's words where QEMU has them."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"])
-        if not where:
-            parts.append(f"Invalid arguments: {error['msg']}")
-        elif error["type"] == "missing":
-            parts.append(f"Parameter '{where}' is missing")
-        elif error["type"] == "extra_forbidden":
-            parts.append(f"Parameter '{where}' is unexpected")
-        else:
-            parts.append(f"Invalid parameter '{where}': {error['msg']}")
-    return "; ".join(parts)
 
 
 def encode(message: Mapping[str, object]) -> bytes:

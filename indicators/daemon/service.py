@@ -20,8 +20,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import grp
 import logging
 import os
 import signal
@@ -32,13 +30,16 @@ from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
 from ..errors import ResourceError
-from ..memop import EmulatedBackend, MemopBackend
+from ..memop import MemopBackend
 from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
-from .commands import describe_device, register_commands
+from .commands import FailureBatch, describe_device, register_commands
 from .eventfds import EventfdSources
-from .privileges import drop_to
+from .guestram import GuestRam, load_storage_keys, refresh_storage_keys_forever
+from .loglimit import LogLimiter, limit_repeats
+from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
+from .reloadlog import device_changes
 from .sdnotify import Notifier
 from .vmm import VmmLink
 from .wiring import Wiring, open_backend
@@ -67,7 +68,8 @@ class Service:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._skeys_task: asyncio.Task[None] | None = None
-        self._ram_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ram="auto"
+        self._failed: dict[str, FailureBatch] = {}  # this batch's failures, by device
+        self._ram: GuestRam | None = None  # ram = "auto": QEMU's RAM, as it hands it over
         self._metrics: Any = None
         #: The metrics endpoint's port (useful with port 0), once started.
         self.metrics_port: int | None = None
@@ -98,21 +100,25 @@ class Service:
             raise
 
     async def _start(self) -> None:
-        ram_path = None
         if self.config.vmm is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
             self.vmm = VmmLink(
                 self.config.vmm, self, grace=self.config.vmm.disconnect_grace, scratch_dir=scratch
             )
             self.vmm.start()
-            if getattr(self.config.backend, "ram", None) == "auto":
-                await self.vmm.wait_connected(30.0)
-                ram_path = await self.vmm.ram_path()
-                self._ram_identity = _file_identity(ram_path)
-        self.wiring = open_backend(self.config.backend, ram_path)
-        if self.config.run_as is not None:
-            uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
-            log.info("running as uid %d gid %d", uid, gid)
+        if self.vmm is not None and getattr(self.config.backend, "ram", None) == "auto":
+            # QEMU names the RAM file: open it with no more rights than run_as has.
+            self._drop_privileges()
+            self._ram = GuestRam(self.config.backend, self.vmm)
+            await self.vmm.wait_connected(30.0)
+            mapped = await self._ram.map()
+            assert mapped is not None  # nothing was mapped before
+            self.wiring = mapped[0]
+        else:
+            self.wiring = open_backend(self.config.backend)
+            self._drop_privileges()
+        # One failing notification per vector, thousands a second: a few lines and a count.
+        limit_repeats(logging.getLogger(Engine.__module__), LogLimiter(burst=10, period=60.0))
         self.engine = Engine(*self._confined(self.model), self.wiring.sink, self.config.retry)
         self.engine.subscribe(self._on_engine_event)
         for reason in self._holds:
@@ -133,6 +139,11 @@ class Service:
             max_pending=control.max_pending if control else 8,
             max_rate=control.max_rate if control else None,
             allowed=self._admits,
+            max_sessions=control.max_clients if control else 128,
+            max_sessions_per_uid=control.max_clients_per_uid if control else 64,
+            max_fds=control.max_fds_per_client if control else 16,
+            negotiation_timeout=control.negotiation_timeout if control else 30.0,
+            idle_timeout=control.idle_timeout if control else None,
         )
         register_commands(self.server, self)
         try:
@@ -156,9 +167,13 @@ class Service:
             log.info(
                 "metrics on http://%s:%d/metrics", self.config.metrics.address, self.metrics_port
             )
-        if self.config.vmm is not None and self.config.vmm.skeys_refresh:
+        if self.vmm is not None and self.config.vmm and self.config.vmm.skeys_refresh:
             self._skeys_task = asyncio.create_task(
-                self._refresh_skeys(self.config.vmm.skeys_refresh)
+                refresh_storage_keys_forever(
+                    self.vmm,
+                    lambda: self.wiring.backend if self.wiring else None,
+                    self.config.vmm.skeys_refresh,
+                )
             )
         self.notifier.ready(f"serving {len(self.model.devices)} devices on {self.socket_path}")
         log.info("serving %d devices on %s", len(self.model.devices), self.socket_path)
@@ -192,6 +207,11 @@ class Service:
             self.wiring.close()
             self.wiring = None
 
+    def _drop_privileges(self) -> None:
+        if self.config.run_as is not None:
+            uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
+            log.info("running as uid %d gid %d", uid, gid)
+
     def _engine(self) -> Engine | None:
         """The engine once :meth:`start` made it (VMM hooks may come earlier)."""
         return getattr(self, "engine", None)
@@ -201,10 +221,17 @@ class Service:
         self._stop_reason = reason
         self._stop.set()
 
-    async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT/quit, then stop gracefully."""
+    async def run(self, *, no_new_privs: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT/quit, then stop gracefully.
+
+        Once started (every privileged thing done), the process forbids
+        itself new privileges (``no_new_privs``; irreversible, so an
+        in-process caller such as a test may turn it off).
+        """
         loop = asyncio.get_running_loop()
         await self.start()
+        if no_new_privs:
+            forbid_new_privileges()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -248,7 +275,9 @@ class Service:
         if old.unavailable is not None:
             engine.set_unavailable(old.unavailable)
         self.engine = self.eventfds.engine = engine
-        self.config, self.model = new, model
+        old_model, self.config, self.model = self.model, new, model
+        for line in device_changes(old_model, model):
+            log.info("reload: %s", line)
         log.info("config reloaded: %d devices", len(model.devices))
         return "reloaded"
 
@@ -310,23 +339,13 @@ class Service:
         reach nobody.  The new guest also starts with fresh suppression state.
         """
         vmm = self.config.vmm
-        if (
-            self.wiring is None
-            or self.vmm is None
-            or vmm is None
-            or getattr(self.config.backend, "ram", None) != "auto"
-        ):
+        if self.wiring is None or self._ram is None or vmm is None:
             return
-        path = await self.vmm.ram_path()
-        identity = _file_identity(path)
-        if identity == self._ram_identity:
+        mapped = await self._ram.map()  # HostFileError: the link tries again
+        if mapped is None:
             return
-        try:
-            new = open_backend(self.config.backend, path)
-        except OSError as exc:
-            raise RuntimeError(f"cannot map the new guest RAM {path}: {exc}") from exc
+        new, path = mapped
         old, self.wiring = self.wiring, Wiring(new.backend, self.wiring.sink, new.fds)
-        self._ram_identity = identity
         engine = self._engine()
         if engine is not None:
             engine.backend = self._confined(self.model)[1]
@@ -336,25 +355,11 @@ class Service:
         if vmm.skeys_refresh:
             await self.refresh_storage_keys()
 
-    async def _refresh_skeys(self, interval: float) -> None:
-        while True:
-            await self.refresh_storage_keys()
-            await asyncio.sleep(interval)
-
     async def refresh_storage_keys(self) -> int:
         """Load the guest's storage keys from ``dump-skeys`` into the emulated backend."""
-        backend = self.wiring.backend if self.wiring else None
-        if self.vmm is None or not isinstance(backend, EmulatedBackend):
+        if self.vmm is None:
             return 0
-        try:
-            keys = await self.vmm.storage_keys()
-        except (RuntimeError, OSError, ValueError) as exc:
-            log.warning("dump-skeys failed: %s", exc)
-            return 0
-        for page, key in (keys or {}).items():
-            with contextlib.suppress(ValueError):
-                backend.set_storage_key(page << 12, key & 0xFE)
-        return len(keys or {})
+        return await load_storage_keys(self.vmm, self.wiring.backend if self.wiring else None)
 
     # ------------------------------------------------------------ reports
 
@@ -371,16 +376,21 @@ class Service:
                 "INTERRUPT_SUPPRESSED", {"adapter": adapter.id, "isc": adapter.isc}
             )
         elif event.error is not None:
-            error = event.error
-            self.server.broadcast_event(
-                "NOTIFY_FAILED",
-                {
-                    "device": error.device,
-                    "vector": error.vector,
-                    "code": error.code,
-                    "desc": str(error),
-                },
-            )
+            # One NOTIFY_FAILED per device and batch (what fails together is
+            # reported in one event when the engine's flush step is over).
+            if not self._failed:
+                asyncio.get_running_loop().call_soon(self._report_failures)
+            batch = self._failed.get(event.error.device)
+            if batch is None:
+                batch = self._failed[event.error.device] = FailureBatch()
+            batch.add(event.error)
+
+    def _report_failures(self) -> None:
+        failed, self._failed = self._failed, {}
+        if self.server is None:
+            return
+        for batch in failed.values():
+            self.server.broadcast_event("NOTIFY_FAILED", batch.summary())
 
     def _admits(self, peer: PeerCredentials) -> bool:
         control = self.config.control
@@ -388,14 +398,7 @@ class Service:
         gids = set(control.allowed_gids) if control and control.allowed_gids else set()
         if not uids and not gids:
             uids = {0, os.getuid()}
-        if peer.uid in uids or peer.gid in gids:
-            return True
-        try:
-            name = grp.getgrgid(peer.gid).gr_name
-        except KeyError:
-            name = str(peer.gid)
-        log.warning("refused control client pid %d uid %d gid %s", peer.pid, peer.uid, name)
-        return False
+        return peer.uid in uids or peer.gid in gids  # the server logs a refusal
 
     def describe_adapters(self) -> list[dict[str, Any]]:
         """``query-adapters``: config, live bits and suppression per adapter."""
@@ -430,15 +433,6 @@ class Service:
             "vmm": self.vmm.status if self.vmm else None,
             "kernel-generation": self.wiring.backend.generation if self.wiring else None,
         }
-
-
-def _file_identity(path: str) -> tuple[int, int] | None:
-    """``(st_dev, st_ino)`` of ``path``: a file recreated under the same name differs."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
 
 
 def _version_tuple() -> tuple[int, int, int]:

@@ -14,10 +14,17 @@ turns what it hears into calls on a :class:`VmmHooks` (the daemon):
   exponential backoff and accept again when QEMU is back (after the hooks'
   ``attached`` re-learned what a new QEMU changed, e.g. its RAM file).
 
-It also answers two questions for the daemon: where the guest's RAM file is
-(:meth:`VmmLink.ram_path`, ``qom-get`` of ``mem-path``) and what the storage
-keys are (:meth:`VmmLink.storage_keys`, ``dump-skeys``, parsed by
-:func:`parse_skeys`).
+It also answers questions for the daemon: who QEMU is (:meth:`VmmLink.peer`,
+the kernel's ``SO_PEERCRED`` of the QMP socket: QEMU's pid and uid, which
+QEMU cannot lie about), where the guest's RAM file is
+(:meth:`VmmLink.ram_path`, ``qom-get`` of ``mem-path``: a name QEMU chose,
+opened only through :mod:`indicators.daemon.hostfiles`) and what the storage
+keys are (:meth:`VmmLink.storage_keys`, ``dump-skeys`` into a file the
+daemon made, parsed by :func:`parse_skeys`).
+
+It logs once per change of the link's state, naming the socket; the
+attempts in between are at debug level (qemu.qmp's own connection errors
+too).
 """
 
 from __future__ import annotations
@@ -25,23 +32,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import tempfile
+import socket
 from typing import Any, Protocol
 
 from qemu.qmp import QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 
 from ..config import VmmConfig
+from .hostfiles import HostFileError, SkeysDump
+from .qmp_session import PeerCredentials
 
 __all__ = ["VmmHooks", "VmmLink", "parse_skeys"]
+
 
 log = logging.getLogger(__name__)
 
 EVENTS = ("STOP", "RESUME", "RESET", "SHUTDOWN", "MIGRATION")
 _MIGRATING = {"setup", "active", "postcopy-active", "pre-switchover", "device", "wait-unplug"}
 _SKEY = re.compile(r"^\s*page=([0-9a-fA-F]+):\s*key\((\d+)\)")
+
+
+class _Quiet(logging.Filter):
+    """qemu.qmp logs every failed connection attempt at ERROR; the link retries them
+    and reports the state change itself, so they go down to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and record.levelno < logging.CRITICAL:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 class VmmHooks(Protocol):
@@ -82,8 +101,8 @@ def parse_skeys(text: str) -> dict[int, int]:
         if not line.strip():
             continue
         match = _SKEY.match(line)
-        if not match:
-            raise ValueError(f"dump-skeys line {number} is not 'page=HEX: key(DEC) ...': {line!r}")
+        if not match:  # the contents are not quoted: the file may not be what QEMU wrote
+            raise ValueError(f"dump-skeys line {number} is not 'page=HEX: key(DEC) ...'")
         key = int(match.group(2))
         if key > 0xFF:
             raise ValueError(f"dump-skeys line {number}: key {key} is not a byte")
@@ -113,6 +132,9 @@ class VmmLink:
         self._task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
+        self._reported = ""  # the link state last logged (logged once per change)
+        #: Seconds a dump-skeys (the command and the read) may take.
+        self.skeys_timeout = 10.0
 
     # ------------------------------------------------------------ lifetime
 
@@ -141,14 +163,30 @@ class VmmLink:
                 f"QEMU's QMP socket {self.config.qmp_socket} did not answer in {timeout:g} s"
             ) from None
 
+    def _report(self, state: str, level: int, message: str, *args: object) -> None:
+        """Log ``message`` when the link enters ``state``; the same state again is debug."""
+        if state == self._reported:
+            level = logging.DEBUG
+        self._reported = state
+        log.log(level, message, *args)
+
     async def _run(self) -> None:
         backoff = 0.05
+        path = self.config.qmp_socket
         while True:
             client = QMPClient("indicators")
+            client.logger.addFilter(_Quiet())
             try:
-                await client.connect(self.config.qmp_socket)
+                await client.connect(path)
             except (QMPError, OSError) as exc:
-                log.debug("QMP connect to %s failed: %s", self.config.qmp_socket, exc)
+                self._report(
+                    "unreachable",
+                    logging.WARNING,
+                    "QEMU's QMP socket %s is unreachable (%s); retrying every %g s at most",
+                    path,
+                    getattr(exc, "exc", exc),  # qemu.qmp's ConnectError wraps the cause
+                    self.config.reconnect_backoff_cap,
+                )
                 if not self.config.reconnect and self.connects:
                     return
                 await asyncio.sleep(backoff)
@@ -157,12 +195,15 @@ class VmmLink:
             attach_failed = False
             try:
                 await self._session(client)
-            except (QMPError, OSError, EOFError) as exc:
-                log.info("QMP link to %s lost: %s", self.config.qmp_socket, exc)
-            except (RuntimeError, ValueError) as exc:
-                # attached() failed (no RAM file, a wrong size): keep trying, slower.
-                log.error("attaching to QEMU at %s failed: %s", self.config.qmp_socket, exc)
+            except (RuntimeError, ValueError, HostFileError) as exc:
+                # attached() failed (no usable RAM file): keep trying, slower.
+                self._report("attach-failed", logging.ERROR,
+                             "attaching to QEMU at %s failed: %s", path, exc)  # fmt: skip
                 attach_failed = True
+            except (QMPError, OSError, EOFError) as exc:
+                self._report("lost", logging.WARNING, "QMP link to %s lost: %s", path, exc)
+            else:
+                self._report("lost", logging.WARNING, "QMP link to %s lost: QEMU hung up", path)
             finally:
                 self._client = None
                 self._connected.clear()
@@ -200,6 +241,8 @@ class VmmLink:
             self._follow_status(status)
             self.hooks.release("disconnected")
             self._connected.set()
+            self._report("connected", logging.INFO, "connected to QEMU at %s (%s)",
+                         self.config.qmp_socket, status)  # fmt: skip
             events = asyncio.create_task(self._events(listener))
             try:
                 while client.runstate == Runstate.RUNNING:
@@ -277,20 +320,39 @@ class VmmLink:
                 return path
         raise RuntimeError(f"none of QEMU's memory backends {ids} has a mem-path")
 
-    async def storage_keys(self) -> dict[int, int] | None:
-        """The guest's storage keys from ``dump-skeys``; None when it uses none."""
-        directory = tempfile.mkdtemp(prefix="indicators-skeys-", dir=self.scratch_dir)
-        os.chmod(directory, 0o770)  # QEMU may run under another uid of the same group
-        path = os.path.join(directory, "skeys")
+    def peer(self) -> PeerCredentials | None:
+        """QEMU's pid and uid as the kernel saw them (None while disconnected)."""
+        client = self._client
+        writer = getattr(client, "_writer", None)  # qemu.qmp's own send_fd_scm reads it too
+        sock = writer.transport.get_extra_info("socket") if writer is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
         try:
-            await self.execute("dump-skeys", {"filename": path})
-            with open(path) as dump:
-                return parse_skeys(dump.read())
-        except QMPError as exc:
-            if "not using storage keys" in str(exc):
-                return None
-            raise
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.rmdir(directory)
+            return PeerCredentials.of(sock)
+        except OSError:
+            return None
+
+    async def storage_keys(self, pages: int) -> dict[int, int] | None:
+        """The guest's storage keys from ``dump-skeys``; None when it uses none.
+
+        ``pages`` (the guest's 4 KiB pages) caps what is read back.  QEMU
+        writes into a file the daemon created and reads back through its own
+        fd (:class:`~indicators.daemon.hostfiles.SkeysDump`); the command and
+        the read together take at most :attr:`skeys_timeout` seconds.
+        """
+        peer = self.peer()
+        with SkeysDump(self.scratch_dir, pages, peer.uid if peer else None) as dump:
+            try:
+                async with asyncio.timeout(self.skeys_timeout):
+                    await self.execute("dump-skeys", {"filename": dump.path})
+                    text = await asyncio.to_thread(dump.read)
+            except QMPError as exc:
+                if "not using storage keys" in str(exc):
+                    return None
+                raise
+            except TimeoutError:
+                raise TimeoutError(
+                    f"dump-skeys through {self.config.qmp_socket} took over "
+                    f"{self.skeys_timeout:g} s"
+                ) from None
+        return parse_skeys(text)
