@@ -44,10 +44,7 @@ def check_socket_dir(directory: str) -> None:
     or others, unless it is sticky (``/tmp``-like: others cannot rename or
     remove what is ours).
     """
-    try:
-        st = os.stat(directory)
-    except OSError as exc:
-        raise OSError(exc.errno, f"control socket directory: {exc.strerror}", directory) from None
+    st = os.stat(directory)  # a missing directory: the caller names the socket's path
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid not in (0, os.geteuid()):
         raise SocketDirError(directory, st.st_uid, mode, "belongs to another user")
