@@ -6,6 +6,7 @@ indicators config schema             the config's JSON Schema
 indicators status --socket PATH      adapters and statistics as a table
 indicators notify --socket PATH DEVICE VECTOR...
 indicators demo                      the embedded default, with live progress
+indicators libvirt-snippet NAME      the XML a libvirt domain needs for a daemon
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from .config import Config, ConfigError, load_config
+from .daemon.libvirt import add_snippet_command
 
 __all__ = ["main"]
 
@@ -175,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=5.0)
     demo.add_argument("--batch", type=int, default=16, help="vectors per notify command")
     demo.set_defaults(func=_cmd_demo)
+    add_snippet_command(sub)
     return parser
 
 

@@ -36,6 +36,7 @@ from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
 from .commands import describe_device, register_commands
 from .eventfds import EventfdSources
+from .libvirt import resolve as resolve_libvirt
 from .privileges import drop_to
 from .qmp_server import PeerCredentials, QmpServer
 from .sdnotify import Notifier
@@ -81,17 +82,18 @@ class Service:
     async def start(self) -> None:
         """Open the backend, start the engine, the VMM link and the control socket."""
         ram_path = None
-        if self.config.vmm is not None:
+        vmm_config, backend_config = resolve_libvirt(self.config)  # [vmm] libvirt = "NAME"
+        if vmm_config is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
             self.vmm = VmmLink(
-                self.config.vmm, self, grace=self.config.vmm.disconnect_grace, scratch_dir=scratch
+                vmm_config, self, grace=vmm_config.disconnect_grace, scratch_dir=scratch
             )
             self.vmm.start()
             if getattr(self.config.backend, "ram", None) == "auto":
                 await self.vmm.wait_connected(30.0)
                 ram_path = await self.vmm.ram_path()
                 self._ram_identity = _file_identity(ram_path)
-        self.wiring = open_backend(self.config.backend, ram_path)
+        self.wiring = open_backend(backend_config, ram_path)
         if self.config.run_as is not None:
             uid, gid = drop_to(self.config.run_as.user, self.config.run_as.group)
             log.info("running as uid %d gid %d", uid, gid)
