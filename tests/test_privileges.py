@@ -84,7 +84,7 @@ def test_the_systemd_unit_grants_nothing_more() -> None:
     assert unit["ProtectSystem"] == ["strict"]
     assert unit["CapabilityBoundingSet"] == [""], "no capability by default"
     assert unit["AmbientCapabilities"] == [""]
-    assert unit["User"] == ["libvirt-qemu"], "QEMU's user: its RAM file and QMP socket, no ptrace cap"
+    assert unit["User"] == ["libvirt-qemu"], "QEMU's user: RAM file and QMP socket, no ptrace cap"
     assert unit["RestrictAddressFamilies"] == ["AF_UNIX"]
     for setting in ("PrivateTmp", "ProtectHome", "ProtectKernelTunables", "RestrictNamespaces"):
         assert unit[setting] == ["yes"], setting
