@@ -152,7 +152,7 @@ class PrivateLibvirt:
         self.log = directory / "var-log" / "libvirt" / "libvirtd.log"
         env = {
             "PATH": path,
-            "LIBVIRT_LOG_OUTPUTS": "3:file:/var/log/libvirt/libvirtd.log",
+            "LIBVIRT_LOG_OUTPUTS": "2:file:/var/log/libvirt/libvirtd.log",
             "LC_ALL": "C",
         }
         reaper = [sys.executable, str(Path(__file__).resolve()), "reaper", str(directory)]
@@ -231,7 +231,8 @@ class PrivateLibvirt:
     def tail(self, lines: int = 30) -> str:
         """The end of libvirtd's and the reaper's logs, for failure messages."""
         parts = []
-        for path in (self.directory / "reaper.log", self.log):
+        qemu_logs = sorted((self.directory / "var-log/libvirt/qemu").glob("*.log"))
+        for path in (self.directory / "reaper.log", self.log, *qemu_logs):
             with contextlib.suppress(OSError):
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {path.name}\n" + "\n".join(text))

@@ -103,6 +103,18 @@ def processes_with(text: str) -> list[int]:
     return found
 
 
+def _accepts(path: Path) -> bool:
+    """Whether a unix socket at ``path`` accepts connections (it exists a moment before)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class DomainGuest(AirqGuest):
     """The airq guest in a QEMU that libvirt started: its RAM file, no process of ours."""
 
@@ -170,7 +182,8 @@ def libvirt() -> Iterator[tuple[PrivateLibvirt, Path, dict[str, float]]]:
         rig.close()
         import shutil
 
-        shutil.rmtree(directory, ignore_errors=True)
+        if not os.environ.get("INDICATORS_LIBVIRT_KEEP"):  # =1 keeps the logs to read
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_the_hook_runs_a_daemon_through_a_domains_life(
@@ -203,7 +216,7 @@ def test_the_hook_runs_a_daemon_through_a_domains_life(
         t0 = time.monotonic()
         rig.virsh("start", "--paused", name)
         # libvirt: QEMU's pid file, then "started" -> the hook -> one daemon serving.
-        wait_for(control.exists, "the daemon's control socket")
+        wait_for(lambda: _accepts(control), "the daemon's control socket")
         wait_for(pid_file.exists, "the hook's pid file")
         daemons = processes_with(daemon_marker)
         assert len(daemons) == 1, daemons
@@ -266,7 +279,16 @@ async def _exercise(
             await _consumed(guest, layout, expected)
             # libvirtd restarted under the running guest: "reconnect", still one daemon.
             daemons = processes_with(f"--config {rig.directory / 'config' / name}.toml")
+            assert daemons
+            # libvirt has handled QEMU's RESUME event (and saved the state) before it stops.
+            wait_for(lambda: "unpaused" in rig.virsh("domstate", "--reason", name).stdout,
+                     "libvirt to see the guest running")  # fmt: skip
+            log = rig.directory / "logs" / f"{name}.log"
+            reconnects = log.read_text().count("daemon already running")
             rig.restart_libvirtd()
+            # libvirt calls "reconnect" last when it reattaches to a running guest.
+            wait_for(lambda: log.read_text().count("daemon already running") > reconnects,
+                     f"the reconnect hook call\n{rig.tail()}")  # fmt: skip
             assert "running" in rig.virsh("domstate", name).stdout
             assert processes_with(f"--config {rig.directory / 'config' / name}.toml") == daemons
             await _rounds(client, guest, layout, expected)
@@ -336,7 +358,7 @@ def test_closing_the_namespace_ends_every_process_in_it(tmp_path: Path) -> None:
             domain.write_text(merge_into(plain_domain(name, build_guest())))
             rig.virsh("define", str(domain))
             rig.virsh("start", "--paused", name)
-            wait_for((directory / "run/indicators" / f"{name}.sock").exists, "the daemon")
+            wait_for(lambda: _accepts(directory / "run/indicators" / f"{name}.sock"), "the daemon")
             assert processes_with(f"guest={name}"), "QEMU runs"
             assert processes_with(f"--config {directory / 'config'}"), "the daemon runs"
         finally:
