@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -166,8 +167,18 @@ def _hooked_config(name: str) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Deployment:
+    """The module's private libvirtd, its directory, the guest ELF, and timings."""
+
+    rig: PrivateLibvirt
+    directory: Path
+    kernel: Path
+    timings: dict[str, float]
+
+
 @pytest.fixture(scope="module")
-def libvirt() -> Iterator[tuple[PrivateLibvirt, Path, dict[str, float]]]:
+def libvirt() -> Iterator[Deployment]:
     """A private libvirtd with the project's hook; its directory; set-up timings."""
     require_libvirt()
     t0 = time.monotonic()
@@ -177,9 +188,7 @@ def libvirt() -> Iterator[tuple[PrivateLibvirt, Path, dict[str, float]]]:
     rig = PrivateLibvirt(directory, _wrapper(directory), _path())
     try:
         rig.wait_answering()
-        rig.kernel = kernel  # type: ignore[attr-defined]
-        timings = {"setup": time.monotonic() - t0}
-        yield rig, directory, timings
+        yield Deployment(rig, directory, kernel, {"setup": time.monotonic() - t0})
     finally:
         rig.close()
         import shutil
@@ -189,10 +198,10 @@ def libvirt() -> Iterator[tuple[PrivateLibvirt, Path, dict[str, float]]]:
 
 
 def test_the_hook_runs_a_daemon_through_a_domains_life(
-    libvirt: tuple[PrivateLibvirt, Path, dict[str, float]],
+    libvirt: Deployment,
     record_property: Any,
 ) -> None:
-    rig, directory, timings = libvirt
+    rig, directory, timings = libvirt.rig, libvirt.directory, libvirt.timings
     name = f"indicators e2e {os.getpid()}"
     raw = _hooked_config(name)
     config = write_config(directory / "config" / f"{name}.toml", raw)
@@ -204,7 +213,7 @@ def test_the_hook_runs_a_daemon_through_a_domains_life(
     daemon_marker = f"--config {config}"
 
     plain = directory / "plain.xml"
-    plain.write_text(plain_domain(name, rig.kernel))  # type: ignore[attr-defined]
+    plain.write_text(plain_domain(name, libvirt.kernel))
     merged = subprocess.run(
         indicators_command("libvirt-snippet", name, "--domain", str(plain)),
         capture_output=True, text=True, check=True, timeout=TIMEOUT,
@@ -646,3 +655,21 @@ def test_the_snippet_command_explains_bad_input(tmp_path: Path) -> None:
         timeout=TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 2 and "has no '/'" in result.stderr
+
+
+def test_a_daemon_for_a_domain_that_is_not_running_says_so(tmp_path: Path) -> None:
+    name = f"no such domain {os.getpid()}"
+    raw = {
+        "backend": {"kind": "kvm", "memory_size": "1M", "vm_fd": "libvirt"},
+        "control": {"socket": str(tmp_path / "control.sock")},
+        "vmm": {"libvirt": name},
+    }
+    config = write_config(tmp_path / "c.toml", raw)
+    result = subprocess.run(
+        indicators_command("run", "--config", str(config)), capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"libvirt domain {name!r}: /run/libvirt/qemu/{name}.pid" in result.stderr
+    assert "the domain is not running" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "control.sock").exists()
