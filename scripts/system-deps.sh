@@ -15,6 +15,8 @@ command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 # systemd-analyze and systemd-tmpfiles check the unit and the tmpfiles entry.
 { command -v systemd-analyze && command -v systemd-tmpfiles && command -v systemd-escape; } \
     >/dev/null 2>&1 || need+=(systemd)
+# strace lists the daemon's system calls against the unit's SystemCallFilter=.
+command -v strace >/dev/null 2>&1 || need+=(strace)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: missing ${need[*]}; install with: sudo apt-get install -y ${need[*]}" >&2

@@ -236,27 +236,93 @@ def test_the_unit_grants_what_the_deployment_needs() -> None:
     assert unit_settings(with_drop_in("user-qemu.conf"))["User"][-1] == "qemu"
 
 
+def syscall_group(name: str) -> set[str]:
+    """The system calls of a ``systemd-analyze syscall-filter`` group, nested groups expanded."""
+    listing = subprocess.run(
+        [systemd_tool("systemd-analyze"), "syscall-filter", "--no-pager", name],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    calls: set[str] = set()
+    for line in listing.stdout.splitlines():
+        item = line.strip()
+        if not line.startswith("    ") or item.startswith("#"):
+            continue
+        calls |= syscall_group(item) if item.startswith("@") else {item}
+    return calls
+
+
+def unit_syscalls() -> set[str]:
+    """What the unit's SystemCallFilter= lines let through: allowed less denied."""
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for value in unit_settings(UNIT.read_text())["SystemCallFilter"]:
+        target = denied if value.startswith("~") else allowed
+        for item in value.lstrip("~").split():
+            target |= syscall_group(item) if item.startswith("@") else {item}
+    return allowed - denied
+
+
 def test_pidfd_getfd_is_outside_the_system_service_group() -> None:
     # Why the unit names it: without it, vm_fd = "pid:N" / "libvirt" fails with EPERM.
-    analyze = systemd_tool("systemd-analyze")
-
-    def group(name: str) -> set[str]:
-        """The system calls of a group, its nested groups expanded."""
-        listing = subprocess.run(
-            [analyze, "syscall-filter", "--no-pager", name],
-            capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
-        calls: set[str] = set()
-        for line in listing.stdout.splitlines():
-            item = line.strip()
-            if not line.startswith("    ") or item.startswith("#"):
-                continue
-            calls |= group(item) if item.startswith("@") else {item}
-        return calls
-
-    service = group("@system-service")
+    service = syscall_group("@system-service")
     assert "pidfd_getfd" not in service and "pidfd_open" in service and "ioctl" in service
-    assert "pidfd_getfd" in group("@debug")
+    assert "pidfd_getfd" in syscall_group("@debug")
+    assert {"pidfd_getfd", "pidfd_open", "ioctl", "mmap"} <= unit_syscalls()
+
+
+_TRACED = re.compile(r"^\d+\s+(?:<\.\.\. (\w+) resumed>|(\w+)\()")
+
+
+def test_the_daemon_needs_no_system_call_the_unit_filters_out(tmp_path: Path) -> None:
+    # The filter cannot be applied here without systemd as PID 1; strace lists
+    # every system call a daemon makes from exec to exit instead.
+    strace = shutil.which("strace")
+    if strace is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must trace the daemon: strace is not installed")
+        pytest.skip("strace is not installed (Debian package strace)")
+    effective = unit_syscalls()
+    ram = tmp_path / "ram"
+    ram.write_bytes(bytes(1 << 20))
+    socket_path = tmp_path / "control.sock"
+    config = write_config(tmp_path / "c.toml", daemon_config(socket_path, ram=ram))
+    notify_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    trace = tmp_path / "trace"
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"}
+    with open(tmp_path / "log", "wb") as sink:
+        process = subprocess.Popen(
+            [strace, "-f", "-qq", "-o", str(trace), "--",
+             *indicators_command("run", "--config", str(config), "--log-json")],
+            env=env, stdout=sink, stderr=sink,
+        )  # fmt: skip
+    try:
+        datagrams(listener, "READY=1", timeout=60)
+
+        async def exercise() -> None:
+            async with qmp_client(str(socket_path)) as client:
+                assert await client.execute("notify", {"device": "net0", "vector": [1, 2]})
+                await client.execute("query-adapters")
+                await client.execute("query-stats")
+
+        asyncio.run(exercise())
+        (daemon,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(daemon), signal.SIGHUP)  # to the daemon: strace keeps its signals
+        datagrams(listener, "WATCHDOG=1")
+        os.kill(int(daemon), signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        listener.close()
+    used: set[str] = set()
+    for line in trace.read_text().splitlines():
+        match = _TRACED.match(line)
+        if match:
+            used.add(match.group(1) or match.group(2))
+    assert {"mmap", "ioctl", "accept4", "execve"} <= used, sorted(used)  # the trace is real
+    assert sorted(used - effective) == [], "the unit's SystemCallFilter= would refuse these"
 
 
 def test_tmpfiles_creates_the_socket_directory_for_qemus_user(tmp_path: Path) -> None:
