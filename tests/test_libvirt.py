@@ -505,8 +505,13 @@ def test_without_systemd_the_hook_runs_the_daemon_detached(tmp_path: Path) -> No
         # The hook returns while the daemon runs on: libvirt's pipes must not be held.
         started = _run_hook(env, name, "started", "begin", "-")  # waits for the pipes' EOF
         assert started.returncode == 0 and started.stdout == "" and started.stderr == ""
-        wait_for(socket.exists, "the daemon's control socket")
-        wait_for(pid_file.exists, "the pid file")
+        # The hook returns once the pid file is written: a "stopped" right after works.
+        assert pid_file.exists()
+        assert _run_hook(env, name, "stopped", "end", "-").returncode == 0
+        wait_for(lambda: not processes_with(marker), "the daemon to exit")
+        wait_for(lambda: not pid_file.exists(), "the pid file to go")
+        assert _run_hook(env, name, "started", "begin", "-").returncode == 0
+        wait_for(lambda: _accepts(socket), "the daemon's control socket")
         daemons = processes_with(marker)
         assert len(daemons) == 1 and int(pid_file.read_text()) == daemons[0]
         assert os.getsid(daemons[0]) != os.getsid(0), "a session of its own"
