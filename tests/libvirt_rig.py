@@ -154,6 +154,8 @@ class PrivateLibvirt:
             "PATH": path,
             "LIBVIRT_LOG_OUTPUTS": "2:file:/var/log/libvirt/libvirtd.log",
             "LC_ALL": "C",
+            # Shows what libvirtd's own environment gives its hooks: nothing of this.
+            "INDICATORS_CONFIG_DIR": "/set/for/libvirtd",
         }
         reaper = [sys.executable, str(Path(__file__).resolve()), "reaper", str(directory)]
         with open(directory / "reaper.log", "wb") as log:

@@ -144,6 +144,7 @@ def _wrapper(directory: Path) -> str:
     (directory / "logs").mkdir(exist_ok=True)
     return (
         "#!/bin/sh\n"
+        f"env > '{directory / 'hook.env'}'\n"
         f"export INDICATORS_CONFIG_DIR='{directory / 'config'}'\n"
         f"export INDICATORS_LOG_DIR='{directory / 'logs'}'\n"
         f"export INDICATORS_COMMAND='{sys.executable} -m indicators.cli'\n"
@@ -231,6 +232,11 @@ def test_the_hook_runs_a_daemon_through_a_domains_life(
         wait_for(pid_file.exists, "the hook's pid file")
         daemons = processes_with(daemon_marker)
         assert len(daemons) == 1, daemons
+        # vm_fd = "libvirt" reads QEMU's pid where libvirt keeps it (the namespace's numbering).
+        (qemu,) = processes_with(f"guest={name},")
+        status = Path(f"/proc/{qemu}/status").read_text()
+        ns_pid = int(status.split("NSpid:")[1].split("\n")[0].split()[-1])
+        assert int((run / "libvirt" / "qemu" / f"{name}.pid").read_text()) == ns_pid
         rams = glob.glob(str(directory / "var-lib/libvirt/qemu/ram/*/s390.ram"))
         assert len(rams) == 1, rams
         ram_files.append(rams[0])
@@ -255,6 +261,8 @@ def test_the_hook_runs_a_daemon_through_a_domains_life(
         log = (directory / "logs" / f"{name}.log").read_text()
         assert "exited with 0" in log.splitlines()[-1], log
     assert ram_files[0] != ram_files[1], "libvirt names the RAM file anew at every start"
+    hook_env = (directory / "hook.env").read_text()
+    assert "PATH=" in hook_env and "/set/for/libvirtd" not in hook_env, "hence the wrapper"
     rig.virsh("undefine", name)
     timings["first cycle (with a libvirtd restart)"] = cycles[0]
     timings["second cycle (QEMU killed)"] = cycles[1]
