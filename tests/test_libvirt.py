@@ -686,3 +686,24 @@ def test_a_daemon_for_a_domain_that_is_not_running_says_so(tmp_path: Path) -> No
     assert f"libvirt domain {name!r}: /run/libvirt/qemu/{name}.pid" in result.stderr
     assert "the domain is not running" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "control.sock").exists()
+
+
+def test_the_set_up_says_how_to_opt_in_before_it_changes_the_system(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import libvirt_rig
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(libvirt_rig.OPT_IN, raising=False)
+    monkeypatch.setattr(libvirt_rig, "_missing_packages", lambda: ["libvirt-daemon"])
+    monkeypatch.setattr(libvirt_rig.os, "geteuid", lambda: 0)
+    reason = libvirt_rig.setup_problem()
+    assert reason is not None and "INDICATORS_LIBVIRT_SETUP=1" in reason
+    assert "apt-get install -y --no-install-recommends libvirt-daemon " in reason
+    monkeypatch.setattr(libvirt_rig, "_missing_packages", lambda: [])
+    monkeypatch.setattr(libvirt_rig, "_user_exists", lambda name: False)
+    reason = libvirt_rig.setup_problem()
+    assert reason is not None and "useradd -r -g libvirt-qemu" in reason
+    assert "INDICATORS_LIBVIRT_SETUP=1" in reason
+    monkeypatch.setattr(libvirt_rig.os, "geteuid", lambda: 1000)
+    assert "needs root" in (libvirt_rig.setup_problem() or "")
