@@ -31,10 +31,12 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients")
@@ -239,6 +241,40 @@ class PrivateLibvirt:
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(parts)
+
+
+# ------------------------------------------------------ probes the tests share
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll until ``condition()`` holds; the timeout only ends a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def processes_with(text: str) -> list[int]:
+    """Host pids (this one left out) whose command line contains ``text``."""
+    found = []
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" "):
+                found.append(int(entry))
+    return found
+
+
+def accepts(path: Path) -> bool:
+    """Whether a unix socket at ``path`` accepts connections (it exists a moment before)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 # ------------------------------------------------------- inside the namespace
