@@ -15,6 +15,8 @@ never touched and nothing outlives the test:
 - it is a child subreaper (and the namespace's init): every orphan, QEMU
   among them, is reaped at once, so ``virsh destroy`` is not held up
   waiting for a zombie (libvirt-rig.md, point 5);
+- it makes /run/indicators with the project's tmpfiles entry, as a boot
+  would (``systemd-tmpfiles --create``; owner ``libvirt-qemu``);
 - it runs ``libvirtd`` as its child and restarts it on ``restart`` read
   from standard input (libvirtd restarted under running guests); EOF or
   ``quit`` ends it all.
@@ -288,8 +290,18 @@ def _reaper(directory: Path) -> int:
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER (implied for a pid namespace's init)
     for name, target in BINDS.items():
         subprocess.run(["mount", "--bind", str(directory / name), target], check=True)
-    for path in ("/var/log/libvirt/qemu", "/var/lib/libvirt", "/run/indicators"):
+    for path in ("/var/log/libvirt/qemu", "/var/lib/libvirt"):
         os.makedirs(path, mode=0o755, exist_ok=True)
+    # /run/indicators as the project's tmpfiles entry makes it at boot (in this /run).
+    tmpfiles = shutil.which("systemd-tmpfiles")
+    entry = Path(__file__).resolve().parent.parent / "deploy" / "indicators.tmpfiles.conf"
+    if tmpfiles is not None:
+        subprocess.run([tmpfiles, "--create", str(entry)], check=True)
+    else:
+        import pwd
+
+        os.makedirs("/run/indicators", mode=0o750)
+        os.chown("/run/indicators", pwd.getpwnam("libvirt-qemu").pw_uid, 0)
     libvirtd: list[subprocess.Popen[bytes]] = []
     exited = threading.Event()
 

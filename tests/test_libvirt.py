@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -134,6 +135,7 @@ def _hooked_config(name: str) -> dict[str, Any]:
         "devices": [dict(device) for device in DEFAULT_DEVICES],
         "control": {"socket": f"/run/indicators/{name}.sock"},
         "vmm": {"libvirt": name},
+        "run_as": {"user": "libvirt-qemu"},  # the hook runs it as root (README)
     }
 
 
@@ -201,6 +203,10 @@ def test_the_hook_runs_a_daemon_through_a_domains_life(
         wait_for(pid_file.exists, "the hook's pid file")
         daemons = processes_with(daemon_marker)
         assert len(daemons) == 1, daemons
+        qemu_user = pwd.getpwnam("libvirt-qemu").pw_uid
+        uids = Path(f"/proc/{daemons[0]}/status").read_text().split("Uid:")[1].split()[:4]
+        assert uids == [str(qemu_user)] * 4, "run_as: QEMU's user once the RAM file is open"
+        assert (run / "indicators").stat().st_uid == qemu_user, "the tmpfiles entry's owner"
         # vm_fd = "libvirt" reads QEMU's pid where libvirt keeps it (the namespace's numbering).
         (qemu,) = processes_with(f"guest={name},")
         status = Path(f"/proc/{qemu}/status").read_text()
