@@ -215,6 +215,10 @@ def test_the_hook_runs_a_daemon_through_a_domains_life(
         rams = glob.glob(str(directory / "var-lib/libvirt/qemu/ram/*/s390.ram"))
         assert len(rams) == 1, rams
         ram_files.append(rams[0])
+        # ram = "auto": the daemon asked QEMU and mapped libvirt's s390.ram (ns paths).
+        suffix = rams[0].split("/var-lib", 1)[1]
+        maps = Path(f"/proc/{daemons[0]}/maps").read_text()
+        assert f"/var/lib{suffix}" in maps, "the daemon maps the RAM file libvirt made"
         guest = DomainGuest(layout, rams[0])
         try:
             asyncio.run(_exercise(rig, name, guest, control, layout, first=cycle == 0))
