@@ -32,11 +32,13 @@ from xml.sax.saxutils import quoteattr
 from ..config import Config, EmulatedBackendConfig, KvmBackendConfig, VmmConfig
 
 __all__ = [
+    "FROM_LIBVIRT",
     "LIBVIRT_RUN_DIR",
     "QEMU_NS",
     "RUN_DIR",
     "LibvirtError",
     "add_snippet_command",
+    "check_name",
     "domain_snippet",
     "merge_into",
     "monitor_socket",
