@@ -6,6 +6,7 @@ indicators config schema             the config's JSON Schema
 indicators status --socket PATH      adapters and statistics as a table
 indicators notify --socket PATH DEVICE VECTOR...
 indicators demo                      the embedded default, with live progress
+indicators libvirt-snippet NAME      the XML a libvirt domain needs for a daemon
 
 Exit codes: 0 success; 1 a runtime failure (the config is fine, but the
 host, a resource or the daemon refused: one line on stderr names the path,
@@ -25,6 +26,7 @@ from typing import Any
 from qemu.qmp import ConnectError, QMPClient, QMPError
 
 from .config import Config, load_config
+from .daemon.libvirt import add_snippet_command
 from .errors import IndicatorsError, ResourceError
 
 __all__ = ["main"]
@@ -187,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=_positive(float), default=5.0)
     demo.add_argument("--batch", type=_positive(int), default=16, help="vectors per notify command")
     demo.set_defaults(func=_cmd_demo)
+    add_snippet_command(sub)
     return parser
 
 

@@ -39,6 +39,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from . import config_messages, config_rules
@@ -155,8 +156,9 @@ class KvmBackendConfig(_Model):
     memory_size: Size = Field(description="guest memory size (bounds the config check)")
     vm_fd: str = Field(
         description="where the VM fd comes from: 'fd:N' (inherited), 'unix:PATH' "
-        "(SCM_RIGHTS), or 'pid:N' (pidfd_getfd from the VMM)",
-        pattern=r"^(fd:\d+|unix:.+|pid:\d+)$",
+        "(SCM_RIGHTS), 'pid:N' (pidfd_getfd from the VMM), or 'libvirt' (pid:N of "
+        "the [vmm] libvirt domain's QEMU)",
+        pattern=r"^(fd:\d+|unix:.+|pid:\d+|libvirt)$",
     )
     abi: Literal["upstream", "v5", "auto"] = "auto"
     flic_fd: str | None = Field(
@@ -341,7 +343,13 @@ class ControlConfig(_Model):
 class VmmConfig(_Model):
     """The link to QEMU's QMP socket."""
 
-    qmp_socket: str
+    qmp_socket: str = Field(default="", description="QEMU's QMP socket; empty with libvirt")
+    libvirt: str | None = Field(
+        default=None,
+        min_length=1,
+        description="libvirt domain name: the QMP socket, QEMU's pid (vm_fd = 'libvirt') "
+        "and the RAM file come from its running QEMU (indicators libvirt-snippet)",
+    )
     hold_while_stopped: bool = True
     reconnect: bool = True
     reconnect_backoff_cap: float = Field(default=2.0, gt=0)
@@ -354,6 +362,14 @@ class VmmConfig(_Model):
     skeys_refresh: float | None = Field(
         default=None, gt=0, description="seconds between dump-skeys refreshes; none: never"
     )
+
+    @model_validator(mode="after")
+    def _socket_or_domain(self) -> VmmConfig:
+        if not self.qmp_socket and self.libvirt is None:
+            raise ValueError("give qmp_socket (QEMU's QMP socket) or libvirt (a domain name)")
+        if self.libvirt is not None and "/" in self.libvirt:
+            raise ValueError(f"libvirt domain name {self.libvirt!r} has a '/'")
+        return self
 
 
 class MetricsConfig(_Model):

@@ -82,12 +82,12 @@ def _unit() -> dict[str, list[str]]:
 def test_the_systemd_unit_grants_nothing_more() -> None:
     unit = _unit()
     assert unit["Type"] == ["notify"] and unit["WatchdogSec"]
-    assert unit["ExecStart"][0].endswith("run --config /etc/indicators/%i.toml --log-json")
+    assert unit["ExecStart"][0].endswith('run --config "/etc/indicators/%I.toml" --log-json')
     assert unit["NoNewPrivileges"] == ["yes"]
     assert unit["ProtectSystem"] == ["strict"]
     assert unit["CapabilityBoundingSet"] == [""], "no capability by default"
     assert unit["AmbientCapabilities"] == [""]
-    assert unit["User"] == ["qemu"], "QEMU's user: its RAM file and QMP socket, no ptrace cap"
+    assert unit["User"] == ["libvirt-qemu"], "QEMU's user: RAM file and QMP socket, no ptrace cap"
     assert unit["RestrictAddressFamilies"] == ["AF_UNIX"]
     for setting in ("PrivateTmp", "ProtectHome", "ProtectKernelTunables", "RestrictNamespaces"):
         assert unit[setting] == ["yes"], setting
@@ -95,8 +95,8 @@ def test_the_systemd_unit_grants_nothing_more() -> None:
 
 def test_tmpfiles_and_hook_match_the_unit() -> None:
     tmpfiles = (ROOT / "deploy" / "indicators.tmpfiles.conf").read_text()
-    assert re.search(r"^d /run/indicators 0750 qemu qemu", tmpfiles, re.M)
+    assert re.search(r"^d /run/indicators 0750 libvirt-qemu ", tmpfiles, re.M)
     hook = ROOT / "deploy" / "libvirt-qemu-hook"
     assert os.access(hook, os.X_OK)
     text = hook.read_text()
-    assert 'start "indicators@${vm}.service"' in text and 'stop "indicators@${vm}.service"' in text
+    assert 'f"indicators@{systemd_escape(name)}.service"' in text and '"--no-block"' in text

@@ -36,6 +36,7 @@ from ..metrics import EngineCollector, serve_metrics
 from .commands import FailureBatch, describe_device, register_commands
 from .eventfds import EventfdSources
 from .guestram import GuestRam, load_storage_keys, refresh_storage_keys_forever
+from .libvirt import resolve as resolve_libvirt
 from .loglimit import LogLimiter, limit_repeats
 from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
@@ -100,22 +101,23 @@ class Service:
             raise
 
     async def _start(self) -> None:
-        if self.config.vmm is not None:
+        vmm_config, backend_config = resolve_libvirt(self.config)  # [vmm] libvirt = "NAME"
+        if vmm_config is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
             self.vmm = VmmLink(
-                self.config.vmm, self, grace=self.config.vmm.disconnect_grace, scratch_dir=scratch
+                vmm_config, self, grace=vmm_config.disconnect_grace, scratch_dir=scratch
             )
             self.vmm.start()
         if self.vmm is not None and getattr(self.config.backend, "ram", None) == "auto":
             # QEMU names the RAM file: open it with no more rights than run_as has.
             self._drop_privileges()
-            self._ram = GuestRam(self.config.backend, self.vmm)
+            self._ram = GuestRam(backend_config, self.vmm)
             await self.vmm.wait_connected(30.0)
             mapped = await self._ram.map()
             assert mapped is not None  # nothing was mapped before
             self.wiring = mapped[0]
         else:
-            self.wiring = open_backend(self.config.backend)
+            self.wiring = open_backend(backend_config)
             self._drop_privileges()
         # One failing notification per vector, thousands a second: a few lines and a count.
         limit_repeats(logging.getLogger(Engine.__module__), LogLimiter(burst=10, period=60.0))
