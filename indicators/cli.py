@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -67,6 +68,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_json)
     config = load_config(args.config)
     asyncio.run(Service(config, config_path=args.config).run())
+    # Stopped and drained: a late SIGTERM (a hook's after a manager's) must not turn
+    # the clean exit into a death by signal while the interpreter shuts down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

@@ -850,6 +850,11 @@ async def test_sigterm_under_load_keeps_every_acknowledged_bit(tmp_path: Path) -
         await asyncio.wait_for(asyncio.gather(*(s.wait() for s in starts)), TIMEOUT)
         await wait_until(lambda: len(acknowledged) >= 2000, timeout=20.0)
         daemon.signal(signal.SIGTERM)
+        # A second SIGTERM while draining (a hook's stop after a manager's) must not kill
+        # the drain: the exit stays clean.
+        await wait_until(lambda: "stopping (SIGTERM)" in daemon.logs())
+        with contextlib.suppress(ProcessLookupError):
+            daemon.signal(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(*clients), TIMEOUT)
         assert await asyncio.to_thread(daemon.wait) == 0, daemon.logs()
         assert "stopping (SIGTERM)" in daemon.logs()

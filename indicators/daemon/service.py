@@ -241,8 +241,10 @@ class Service:
             await self._stop.wait()
             log.info("stopping (%s)", self._stop_reason)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            # No reload while stopping.  A second SIGTERM (a hook's after a manager's, an
+            # impatient operator) must not kill the drain or the exit after it: the
+            # SIGTERM/SIGINT handlers stay until the loop closes (asyncio removes them).
+            loop.remove_signal_handler(signal.SIGHUP)
             await self.stop()
 
     # ------------------------------------------------------------ reload
