@@ -568,7 +568,7 @@ INTERRUPTED = textwrap.dedent(
 
 
 @pytest.mark.qemu
-def test_an_interrupted_run_leaves_no_qemu_and_no_files(tmp_path: Path) -> None:
+def test_an_interrupted_run_leaves_no_qemu_and_no_files(needs_qemu: None, tmp_path: Path) -> None:
     (tmp_path / "test_interrupted.py").write_text(INTERRUPTED)
     result = _pytest(tmp_path)
     assert "KeyboardInterrupt" in result.stdout + result.stderr, result.stdout
@@ -581,7 +581,7 @@ def test_an_interrupted_run_leaves_no_qemu_and_no_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-def test_the_outside_test_file_passes_on_its_own(tmp_path: Path) -> None:
+def test_the_outside_test_file_passes_on_its_own(needs_qemu: None, tmp_path: Path) -> None:
     """A copy of tests/e2e_outside/test_outside.py, away from this repository's
     conftest and pyproject: only the installed plugin provides the fixtures."""
     shutil.copy(HERE / "e2e_outside" / "test_outside.py", tmp_path)

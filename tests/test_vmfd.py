@@ -24,8 +24,8 @@ from indicators.memop.vmfd import (
     from_unix_socket,
 )
 
-needs_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm to create a VM"
+needs_kvm = pytest.mark.needs(
+    os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm to create a VM"
 )
 
 HOLDER = """
