@@ -14,10 +14,24 @@ the two sides the engine does not control:
 For every acknowledged item, either its bit was set in guest memory when the
 acknowledgement arrived, or the guest's counter for that ``(device, vector)``
 moved after the item was submitted (the guest may consume and clear the bit
-between the write and the acknowledgement).  The bit is sampled at
-acknowledgement; the counter is compared only in :meth:`DeliveryOracle.verdict`,
-once the guest has consumed everything, because a guest may clear a bit well
-before it counts it.  An item with neither evidence is *lost*.
+between the write and the acknowledgement).  An item with neither evidence
+is *lost*.
+
+The bit is sampled at acknowledgement.  A guest clears a bit before it
+counts it, so at acknowledgement the counter may not have moved yet; how
+long to wait for it is the question:
+
+- without ``settle``, the counter is compared in :meth:`DeliveryOracle.verdict`,
+  once the guest has consumed everything.  That is always right, but weak
+  under load: any later delivery of the same vector moves the counter too,
+  so an acknowledgement that wrote nothing is only caught when its vector
+  is not notified again;
+- with ``settle`` (a callable that returns once the guest has counted
+  every bit it cleared before the call, e.g. after two of its polling
+  rounds), an acknowledgement that finds the bit clear and the counter
+  unmoved calls it and reads the counter again: that value is final for
+  the item.  A guest that does not run concurrently with the caller (it is
+  polled by the test between requests) settles with ``lambda: None``.
 
 Use::
 
@@ -34,11 +48,12 @@ Use::
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DeliveryOracle", "Item", "OracleError", "Verdict", "oracle_for"]
+__all__ = ["DeliveryOracle", "Item", "OracleError", "Verdict", "oracle_for", "rounds_settle"]
 
 #: ``read_bit(device, vector)``: is the item's dsci bit set in guest memory now?
 ReadBit = Callable[[str, int], bool]
@@ -70,6 +85,7 @@ class _State:
     item: Item
     outcome: str = "pending"  # "pending", "acknowledged" or "failed"
     bit_at_ack: bool = False
+    count_at_ack: int = 0
     code: str = ""
 
 
@@ -83,6 +99,10 @@ class Verdict:
     seen_in_memory: int = 0
     #: acknowledged items shown delivered only by the guest's counter
     seen_by_counter: int = 0
+    #: of those, items whose counter had not moved yet at acknowledgement, without
+    #: ``settle`` (the guest counted late, or a later delivery of the same vector
+    #: is all the evidence there is: many of these point at lost notifications)
+    counted_late: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     #: submitted items neither acknowledged nor failed
     unsettled: list[Item] = field(default_factory=list)
@@ -105,7 +125,8 @@ class Verdict:
         out = [
             f"submitted {self.submitted}, acknowledged {self.acknowledged} "
             f"(bit seen at acknowledgement {self.seen_in_memory}, "
-            f"guest counter moved {self.seen_by_counter})",
+            f"guest counter moved {self.seen_by_counter}, of which after acknowledgement "
+            f"{self.counted_late})",
             f"failed by code: {failed}",
             f"lost (acknowledged, never reached the guest): {len(self.lost)}",
         ]
@@ -127,11 +148,20 @@ class DeliveryOracle:
     callables are the caller's business).
     """
 
-    def __init__(self, read_bit: ReadBit, guest_count: GuestCount) -> None:
+    def __init__(
+        self,
+        read_bit: ReadBit,
+        guest_count: GuestCount,
+        *,
+        settle: Callable[[], None] | None = None,
+    ) -> None:
         self._read_bit = read_bit
         self._guest_count = guest_count
+        self._settle = settle
         self._items: list[_State] = []
         self._lock = threading.Lock()
+        #: Items acknowledged so far (for progress reports; the verdict judges them).
+        self.acknowledged_count = 0
 
     def submit(self, device: str, vector: int) -> int:
         """Record an item about to be sent; returns its token."""
@@ -158,7 +188,15 @@ class DeliveryOracle:
         with self._lock:
             state = self._pending(token)
             state.outcome = "acknowledged"
-        state.bit_at_ack = self._read_bit(state.item.device, state.item.vector)
+            self.acknowledged_count += 1
+        item = state.item
+        state.bit_at_ack = self._read_bit(item.device, item.vector)
+        if not state.bit_at_ack:
+            count = self._guest_count(item.device, item.vector)
+            if count <= item.count_at_submit and self._settle is not None:
+                self._settle()  # a bit cleared but not yet counted gets counted
+                count = self._guest_count(item.device, item.vector)
+            state.count_at_ack = count
 
     def failed(self, token: int, code: str) -> None:
         """The item was refused or failed with ``code`` (an errno name, PIC, ...)."""
@@ -183,19 +221,38 @@ class DeliveryOracle:
             else:
                 verdict.acknowledged += 1
                 key = (item.device, item.vector)
-                if key not in final:
+                if self._settle is not None:
+                    final[key] = state.count_at_ack  # settled at acknowledgement
+                elif key not in final:
                     final[key] = self._guest_count(*key)
                 if final[key] > item.count_at_submit:
                     verdict.seen_by_counter += 1
+                    verdict.counted_late += state.count_at_ack <= item.count_at_submit
                 else:
                     verdict.lost.append(item)
         return verdict
+
+
+def rounds_settle(rounds: Callable[[], int], *, timeout: float = 10.0) -> Callable[[], None]:
+    """A ``settle`` for a guest that counts what it cleared within the polling round:
+    wait (off any event loop's clock, the guest runs elsewhere) until ``rounds()``
+    moved by two.  ``timeout`` only ends a hang (a stopped or parked guest)."""
+
+    def settle() -> None:
+        target = rounds() + 2
+        deadline = time.monotonic() + timeout
+        while rounds() < target and time.monotonic() < deadline:
+            time.sleep(0.0001)  # let the guest's thread run
+
+    return settle
 
 
 def oracle_for(
     load: Callable[[int, int], int],
     bit_of: Callable[[str, int], tuple[int, int]],
     counts: Mapping[tuple[str, int], int],
+    *,
+    settle: Callable[[], None] | None = None,
 ) -> DeliveryOracle:
     """An oracle over guest memory read by ``load(gaddr, size)`` and a guest's ``counts``.
 
@@ -212,4 +269,4 @@ def oracle_for(
     def guest_count(device: str, vector: int) -> int:
         return counts.get((device, vector), 0)
 
-    return DeliveryOracle(read_bit, guest_count)
+    return DeliveryOracle(read_bit, guest_count, settle=settle)
