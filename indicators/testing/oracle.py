@@ -49,16 +49,30 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DeliveryOracle", "Item", "OracleError", "Verdict", "oracle_for", "rounds_settle"]
+__all__ = [
+    "DeliveryOracle",
+    "GuestGone",
+    "Item",
+    "OracleError",
+    "Verdict",
+    "oracle_for",
+    "rounds_settle",
+]
 
 #: ``read_bit(device, vector)``: is the item's dsci bit set in guest memory now?
 ReadBit = Callable[[str, int], bool]
 #: ``guest_count(device, vector)``: how many times the guest consumed that bit.
 GuestCount = Callable[[str, int], int]
+
+
+class GuestGone(Exception):
+    """Raised by ``read_bit``/``guest_count`` when the guest no longer exists (killed):
+    an item acknowledged then cannot be judged and is counted as unverifiable."""
 
 
 class OracleError(Exception):
@@ -80,13 +94,14 @@ class Item:
     count_at_submit: int
 
 
-@dataclass
-class _State:
-    item: Item
-    outcome: str = "pending"  # "pending", "acknowledged" or "failed"
-    bit_at_ack: bool = False
-    count_at_ack: int = 0
-    code: str = ""
+# Outcomes, one byte per item (a million items must stay cheap to record).
+_PENDING, _FAILED, _ACKED_BIT, _ACKED_NO_BIT, _ACKED_GONE = 0, 1, 2, 3, 4
+_OUTCOME_NAMES = {
+    _FAILED: "failed",
+    _ACKED_BIT: "acknowledged",
+    _ACKED_NO_BIT: "acknowledged",
+    _ACKED_GONE: "acknowledged",
+}
 
 
 @dataclass
@@ -108,6 +123,8 @@ class Verdict:
     unsettled: list[Item] = field(default_factory=list)
     #: acknowledged items with no evidence of delivery
     lost: list[Item] = field(default_factory=list)
+    #: acknowledged after the guest was gone (killed): nothing left to look at
+    unverifiable: int = 0
 
     @property
     def ok(self) -> bool:
@@ -130,6 +147,8 @@ class Verdict:
             f"failed by code: {failed}",
             f"lost (acknowledged, never reached the guest): {len(self.lost)}",
         ]
+        if self.unverifiable:
+            out.append(f"acknowledged after the guest was gone (unverifiable): {self.unverifiable}")
         out += [f"  lost {i.device} vector {i.vector} (token {i.token})" for i in self.lost[:20]]
         if len(self.lost) > 20:
             out.append(f"  ... and {len(self.lost) - 20} more")
@@ -158,78 +177,97 @@ class DeliveryOracle:
         self._read_bit = read_bit
         self._guest_count = guest_count
         self._settle = settle
-        self._items: list[_State] = []
+        # Per token, in parallel arrays: (device, vector), the guest's count at
+        # submission and at acknowledgement, the outcome; codes of failures.
+        self._targets: list[tuple[str, int]] = []
+        self._at_submit = array("q")
+        self._at_ack = array("q")
+        self._outcome = bytearray()
+        self._codes: dict[int, str] = {}
         self._lock = threading.Lock()
         #: Items acknowledged so far (for progress reports; the verdict judges them).
         self.acknowledged_count = 0
 
     def submit(self, device: str, vector: int) -> int:
         """Record an item about to be sent; returns its token."""
-        count = self._guest_count(device, vector)
+        try:
+            count = self._guest_count(device, vector)
+        except GuestGone:
+            count = 1 << 62  # nothing can move it: unless refused, it is unverifiable
         with self._lock:
-            token = len(self._items)
-            self._items.append(_State(Item(token, device, vector, count)))
+            token = len(self._targets)
+            self._targets.append((device, vector))
+            self._at_submit.append(count)
+            self._at_ack.append(0)
+            self._outcome.append(_PENDING)
         return token
 
     def submit_many(self, items: Iterable[tuple[str, int]]) -> list[int]:
         """:meth:`submit` for each ``(device, vector)``, in order."""
         return [self.submit(device, vector) for device, vector in items]
 
-    def _pending(self, token: int) -> _State:
-        if not 0 <= token < len(self._items):
+    def _settling(self, token: int, outcome: int) -> None:
+        """Mark ``token`` settled as ``outcome``; it must be pending (caller holds the lock)."""
+        if not 0 <= token < len(self._targets):
             raise OracleError(token, "not issued by this oracle")
-        state = self._items[token]
-        if state.outcome != "pending":
-            raise OracleError(token, f"already {state.outcome}")
-        return state
+        current = self._outcome[token]
+        if current != _PENDING:
+            raise OracleError(token, f"already {_OUTCOME_NAMES[current]}")
+        self._outcome[token] = outcome
 
     def acknowledged(self, token: int) -> None:
         """The item was acknowledged: sample its bit now."""
         with self._lock:
-            state = self._pending(token)
-            state.outcome = "acknowledged"
+            self._settling(token, _ACKED_BIT)
             self.acknowledged_count += 1
-        item = state.item
-        state.bit_at_ack = self._read_bit(item.device, item.vector)
-        if not state.bit_at_ack:
-            count = self._guest_count(item.device, item.vector)
-            if count <= item.count_at_submit and self._settle is not None:
+        device, vector = self._targets[token]
+        try:
+            if self._read_bit(device, vector):
+                return
+            self._outcome[token] = _ACKED_NO_BIT
+            count = self._guest_count(device, vector)
+            if count <= self._at_submit[token] and self._settle is not None:
                 self._settle()  # a bit cleared but not yet counted gets counted
-                count = self._guest_count(item.device, item.vector)
-            state.count_at_ack = count
+                count = self._guest_count(device, vector)
+        except GuestGone:
+            self._outcome[token] = _ACKED_GONE
+            return
+        self._at_ack[token] = count
 
     def failed(self, token: int, code: str) -> None:
         """The item was refused or failed with ``code`` (an errno name, PIC, ...)."""
         with self._lock:
-            state = self._pending(token)
-            state.outcome = "failed"
-            state.code = str(code)
+            self._settling(token, _FAILED)
+            self._codes[token] = str(code)
 
     def verdict(self) -> Verdict:
         """Judge every item; call once the guest has consumed all it will."""
-        verdict = Verdict(submitted=len(self._items))
+        with self._lock:
+            outcome = bytes(self._outcome)
+        verdict = Verdict(submitted=len(outcome), failed=Counter(self._codes.values()))
         final: dict[tuple[str, int], int] = {}
-        for state in list(self._items):
-            item = state.item
-            if state.outcome == "failed":
-                verdict.failed[state.code] += 1
-            elif state.outcome == "pending":
-                verdict.unsettled.append(item)
-            elif state.bit_at_ack:
+        targets, at_submit, at_ack = self._targets, self._at_submit, self._at_ack
+        for token, state in enumerate(outcome):
+            if state == _ACKED_BIT:
                 verdict.acknowledged += 1
                 verdict.seen_in_memory += 1
-            else:
+            elif state == _ACKED_GONE:
                 verdict.acknowledged += 1
-                key = (item.device, item.vector)
+                verdict.unverifiable += 1
+            elif state == _PENDING:
+                verdict.unsettled.append(Item(token, *targets[token], at_submit[token]))
+            elif state == _ACKED_NO_BIT:
+                verdict.acknowledged += 1
+                key = targets[token]
                 if self._settle is not None:
-                    final[key] = state.count_at_ack  # settled at acknowledgement
+                    final[key] = at_ack[token]  # settled at acknowledgement
                 elif key not in final:
                     final[key] = self._guest_count(*key)
-                if final[key] > item.count_at_submit:
+                if final[key] > at_submit[token]:
                     verdict.seen_by_counter += 1
-                    verdict.counted_late += state.count_at_ack <= item.count_at_submit
+                    verdict.counted_late += at_ack[token] <= at_submit[token]
                 else:
-                    verdict.lost.append(item)
+                    verdict.lost.append(Item(token, *targets[token], at_submit[token]))
         return verdict
 
 
