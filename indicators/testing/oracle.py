@@ -177,13 +177,19 @@ class DeliveryOracle:
         self._read_bit = read_bit
         self._guest_count = guest_count
         self._settle = settle
-        # Per token, in parallel arrays: (device, vector), the guest's count at
-        # submission and at acknowledgement, the outcome; codes of failures.
-        self._targets: list[tuple[str, int]] = []
+        # Per token, in parallel arrays (no object per item: a soak records
+        # millions, and freed arrays go back to the system, unlike small objects):
+        # the target's index, the guest's count at submission and at
+        # acknowledgement, the outcome, the failure code's index.
+        self._target_index: dict[tuple[str, int], int] = {}
+        self._target_list: list[tuple[str, int]] = []
+        self._targets = array("l")
         self._at_submit = array("q")
         self._at_ack = array("q")
         self._outcome = bytearray()
-        self._codes: dict[int, str] = {}
+        self._code_index: dict[str, int] = {}
+        self._code_list: list[str] = []
+        self._codes = array("l")
         self._lock = threading.Lock()
         #: Items acknowledged so far (for progress reports; the verdict judges them).
         self.acknowledged_count = 0
@@ -195,11 +201,16 @@ class DeliveryOracle:
         except GuestGone:
             count = 1 << 62  # nothing can move it: unless refused, it is unverifiable
         with self._lock:
+            index = self._target_index.get((device, vector))
+            if index is None:
+                index = self._target_index[(device, vector)] = len(self._target_list)
+                self._target_list.append((device, vector))
             token = len(self._targets)
-            self._targets.append((device, vector))
+            self._targets.append(index)
             self._at_submit.append(count)
             self._at_ack.append(0)
             self._outcome.append(_PENDING)
+            self._codes.append(-1)
         return token
 
     def submit_many(self, items: Iterable[tuple[str, int]]) -> list[int]:
@@ -220,7 +231,7 @@ class DeliveryOracle:
         with self._lock:
             self._settling(token, _ACKED_BIT)
             self.acknowledged_count += 1
-        device, vector = self._targets[token]
+        device, vector = self._target_list[self._targets[token]]
         try:
             if self._read_bit(device, vector):
                 return
@@ -238,27 +249,35 @@ class DeliveryOracle:
         """The item was refused or failed with ``code`` (an errno name, PIC, ...)."""
         with self._lock:
             self._settling(token, _FAILED)
-            self._codes[token] = str(code)
+            index = self._code_index.get(str(code))
+            if index is None:
+                index = self._code_index[str(code)] = len(self._code_list)
+                self._code_list.append(str(code))
+            self._codes[token] = index
 
     def verdict(self) -> Verdict:
         """Judge every item; call once the guest has consumed all it will."""
         with self._lock:
             outcome = bytes(self._outcome)
-        verdict = Verdict(submitted=len(outcome), failed=Counter(self._codes.values()))
+        verdict = Verdict(submitted=len(outcome))
         final: dict[tuple[str, int], int] = {}
-        targets, at_submit, at_ack = self._targets, self._at_submit, self._at_ack
+        at_submit, at_ack, target_of, indices = (
+            self._at_submit, self._at_ack, self._target_list, self._targets
+        )  # fmt: skip
         for token, state in enumerate(outcome):
             if state == _ACKED_BIT:
                 verdict.acknowledged += 1
                 verdict.seen_in_memory += 1
+            elif state == _FAILED:
+                verdict.failed[self._code_list[self._codes[token]]] += 1
             elif state == _ACKED_GONE:
                 verdict.acknowledged += 1
                 verdict.unverifiable += 1
             elif state == _PENDING:
-                verdict.unsettled.append(Item(token, *targets[token], at_submit[token]))
-            elif state == _ACKED_NO_BIT:
+                verdict.unsettled.append(Item(token, *target_of[indices[token]], at_submit[token]))
+            else:  # acknowledged, the bit was clear: the guest's counter must have moved
                 verdict.acknowledged += 1
-                key = targets[token]
+                key = target_of[indices[token]]
                 if self._settle is not None:
                     final[key] = at_ack[token]  # settled at acknowledgement
                 elif key not in final:
@@ -267,7 +286,7 @@ class DeliveryOracle:
                     verdict.seen_by_counter += 1
                     verdict.counted_late += at_ack[token] <= at_submit[token]
                 else:
-                    verdict.lost.append(Item(token, *targets[token], at_submit[token]))
+                    verdict.lost.append(Item(token, *key, at_submit[token]))
         return verdict
 
 

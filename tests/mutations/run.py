@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 #: Per pytest run: generous, it only ends a hang (a hang counts as caught, and says so).
 TIMEOUT = 900.0
-#: The QEMU soak, shortened for the mutation check (two warm-up rounds, then one).
-SOAK = {"INDICATORS_SOAK_SECONDS": "35"}
+#: The QEMU soak, shortened for the mutation check (two warm-up rounds, then two).
+SOAK = {"INDICATORS_SOAK_SECONDS": "45"}
 
 
 @dataclass(frozen=True)
