@@ -43,6 +43,12 @@ Use::
     ...                       # let the guest consume what is left
     verdict = oracle.verdict()
     assert verdict.ok, verdict
+
+Over the simulated guest (:class:`~indicators.simguest.SimulatedGuest`) in
+its thread, with the bits worked out by the test::
+
+    oracle = oracle_for(memory.load, bit_of, guest.counts,
+                        settle=rounds_settle(lambda: guest.rounds))
 """
 
 from __future__ import annotations
