@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from indicators.engine import Engine
 from indicators.guestmem import GuestMemory
 from indicators.memop import EmulatedBackend
 from indicators.simguest import SimulatedGuest
-from indicators.testing.delivery import error_code
+from indicators.testing.delivery import error_code, notify
 from indicators.testing.oracle import oracle_for
 
 #: Where each device's vector n has its bit: from the test's own layout (daemon_helpers).
@@ -91,6 +92,28 @@ async def test_every_acknowledged_notify_reached_the_guest(tmp_path: Path) -> No
     assert verdict.ok and not verdict.failed, verdict
     assert verdict.acknowledged == stats["applied"] > 6000
     assert verdict.seen_in_memory > 0 and verdict.seen_by_counter == 0  # nothing concurrent
+
+
+async def test_refused_notifies_are_counted_as_what_they_were_and_change_nothing(
+    tmp_path: Path,
+) -> None:
+    """The keyed device's page refuses its key (protection, code 4); a vector out of
+    range is a bad request.  Both are failures by their code, and memory is unchanged."""
+    ram = tmp_path / "guest.ram"
+    raw = daemon_config(tmp_path / "control.sock", ram=ram)
+    with running_daemon(tmp_path, raw) as daemon, GuestMemory(MEMORY, str(ram)) as memory:
+        before = memory.snapshot()
+        locked = (0x20100, 4)  # LOCKED_PAGE + 0x100: its dsci bits, by the test's layout
+        oracle = oracle_for(
+            memory.load, lambda d, v: bit_of(locked[0], v), Counter(), settle=lambda: None
+        )
+        async with qmp_client(daemon.socket) as client:
+            assert not await notify(client, oracle, "locked", [0, 3])
+            assert not await notify(client, oracle, "locked", [9])
+        assert memory.snapshot() == before
+    verdict = oracle.verdict()
+    assert verdict.ok and verdict.acknowledged == 0
+    assert verdict.failed == {"4": 2, "GenericError": 1}, verdict
 
 
 # --------------------------------------------------------------- peer policy
