@@ -7,7 +7,12 @@ from collections import Counter
 import pytest
 
 from indicators.testing.oracle import Item, Verdict
-from indicators.testing.soak import RSS_BYTES_PER_REQUEST, SoakReport, _judge
+from indicators.testing.soak import (
+    BLOCKS_PER_REQUEST,
+    HEAP_BYTES_PER_REQUEST,
+    SoakReport,
+    _judge,
+)
 
 EAGAIN_ROUND, PROTECTION_ROUND, CLEAN_ROUND = 0, 1, 2
 
@@ -69,14 +74,27 @@ def test_nothing_acknowledged_fails_the_soak() -> None:
 
 
 def test_a_10_kib_per_request_leak_is_caught_and_noise_is_not() -> None:
-    report = SoakReport(acknowledged=1, requests=20_000, requests_at_start=5_000)
-    report.rss_start_kib = 100_000
-    report.rss_end_kib = report.rss_start_kib + 15_000 * 10  # 10 KiB for each of 15,000
-    assert report.rss_bytes_per_request == 10 * 1024
-    assert "bytes per request" in report.problems()[0]
-    report.rss_end_kib = report.rss_start_kib + 2_048  # 2 MiB of allocator noise
-    assert report.rss_bytes_per_request < RSS_BYTES_PER_REQUEST
+    report = SoakReport(acknowledged=1, measured_requests=15_000)
+    report.heap_growth = 15_000 * 10 * 1024  # 10 KiB for each of 15,000
+    assert report.heap_bytes_per_request == 10 * 1024
+    assert "live memory grew 10240 bytes per request" in report.problems()[0]
+    report.heap_growth = 2 << 20  # 2 MiB of allocator noise
+    assert report.heap_bytes_per_request < HEAP_BYTES_PER_REQUEST
     assert report.problems() == []
+
+
+def test_an_object_kept_per_request_is_caught() -> None:
+    report = SoakReport(acknowledged=1, measured_requests=15_000, blocks_growth=16_500)
+    assert report.blocks_per_request == 1.1 > BLOCKS_PER_REQUEST
+    assert "live objects grew 1.10 per request" in report.problems()[0]
+
+
+def test_rss_alone_fails_nothing() -> None:
+    """RSS keeps the allocator's high-water mark after a flood of failures: reported,
+    but live memory decides."""
+    report = SoakReport(acknowledged=1, requests=20_000, requests_at_start=5_000)
+    report.rss_start_kib, report.rss_end_kib = 200_000, 500_000
+    assert report.rss_bytes_per_request > 10_000 and report.problems() == []
 
 
 def test_leaked_file_descriptors_fail_the_soak() -> None:
