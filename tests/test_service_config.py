@@ -172,34 +172,40 @@ def test_the_default_peer_policy_refuses_another_uid(tmp_path: Path, world_dir: 
 
 
 async def test_a_greedy_client_does_not_hold_up_another(tmp_path: Path) -> None:
-    """``max_rate = 1``: a burst of one request, then one a second, per client.  The
-    greedy client pipelines 20 notifies; once its first is answered, the other client
-    asks for the statistics and is answered at once, before the greedy client's
-    second reply, and sees exactly one notification accepted: the greedy client's
-    others wait unread.  Counts and ordering; the one second is only a margin."""
-    raw = daemon_config(tmp_path / "control.sock", control={"max_rate": 1.0})
+    """``max_rate = 2``: a burst of two requests, then one every half second, per
+    client.  The greedy client pipelines 20 notifies; once its burst is answered, the
+    other client makes two requests in a row and both are answered before the greedy
+    client's third reply (its own bucket is full), and the daemon has accepted only
+    the greedy client's burst: its other requests wait unread.  With one bucket for
+    all, the other client would wait for refills the greedy one competes for.
+    Counts and ordering; the half second is only a margin."""
+    raw = daemon_config(tmp_path / "control.sock", control={"max_rate": 2.0})
     order: list[str] = []
+    stats: list[dict[str, Any]] = []
     with running_daemon(tmp_path, raw) as daemon:
         async with (
             qmp_client(daemon.socket, "greedy") as greedy,
             qmp_client(daemon.socket, "other") as other,
         ):
-            first = asyncio.Event()
+            burst = asyncio.Event()
 
             async def one_greedy(number: int) -> None:
                 await greedy.execute("notify", {"device": "net0", "vector": number})
                 order.append(f"greedy{number}")
-                first.set()
+                if len(order) == 2:
+                    burst.set()
 
             flood = [asyncio.create_task(one_greedy(n)) for n in range(20)]
-            await asyncio.wait_for(first.wait(), TIMEOUT)
-            stats = await asyncio.wait_for(other.execute("query-stats"), TIMEOUT)
-            order.append("other")
+            await asyncio.wait_for(burst.wait(), TIMEOUT)
+            for _ in range(2):
+                stats.append(await asyncio.wait_for(other.execute("query-stats"), TIMEOUT))
+                order.append("other")
             for task in flood:
                 task.cancel()
             await asyncio.gather(*flood, return_exceptions=True)
-    assert stats["notifications"] == 1, f"the greedy client was not held to its rate: {stats}"
-    assert order.index("other") == 1, f"the other client waited for the greedy one: {order}"
+    assert order[2:4] == ["other", "other"], f"the other client waited for the greedy one: {order}"
+    accepted = [s["notifications"] for s in stats]
+    assert accepted == [2, 2], f"the greedy client was not held to its rate: {accepted}"
 
 
 # ------------------------------------------------------------- eventfd limits
