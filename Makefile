@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint system-deps bench fuzz soak clean
+.PHONY: run test lint system-deps bench fuzz soak mutations clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ fuzz: $(STAMP)
 	cd fuzz && ../$(PY) run_atheris.py decoder -runs=$(FUZZ_RUNS) -max_len=4096 -artifact_prefix=../.fuzz/ ../.fuzz/decoder corpus/decoder
 	cd fuzz && ../$(PY) run_atheris.py config -runs=$(FUZZ_RUNS) -max_len=4096 -artifact_prefix=../.fuzz/ ../.fuzz/config corpus/config
 	INDICATORS_FUZZ_EXAMPLES=$(FUZZ_RUNS) $(VENV)/bin/pytest -q -s tests/test_fuzz.py -k protocol
+
+# Issue 11's regressions applied one by one to a copy of the package: each must
+# make its tests fail (a caught/missed table; QEMU for the e2e and soak rows).
+mutations: $(STAMP) system-deps
+	$(PY) tests/mutations/run.py
 
 # The soak against a real QEMU guest; SOAK_SECONDS (default 10 minutes).
 SOAK_SECONDS ?= 600

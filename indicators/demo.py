@@ -4,8 +4,9 @@ It runs the real service on the emulated backend (anonymous guest memory),
 a :class:`~indicators.simguest.SimulatedGuest` consuming indicators in a
 thread as Linux's airq handler would, and several ``qemu.qmp`` clients
 sending ``notify`` commands through the real control socket.  At the end it
-checks that every bit the engine set was consumed by the guest and prints
-the statistics.
+judges, from the clients' and the guest's side only (a
+:class:`~indicators.testing.oracle.DeliveryOracle`), that every acknowledged
+notification reached the guest, and prints the statistics.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from .cli import format_status
 from .config import Config, parse_config
 from .daemon.service import Service
 from .memop import EmulatedBackend
 from .simguest import SimulatedGuest
+from .testing.oracle import DeliveryOracle, Verdict, oracle_for, rounds_settle
 
 __all__ = ["DEMO_CONFIG", "demo_config", "run_demo"]
 
@@ -75,7 +77,21 @@ def demo_config(socket_path: str) -> Config:
     return parse_config({**DEMO_CONFIG, "control": {"socket": socket_path}}, "<demo>")
 
 
-async def _client(path: str, config: Config, deadline: float, sent: list[int], batch: int) -> None:
+def _oracle(config: Config, backend: EmulatedBackend, guest: SimulatedGuest) -> DeliveryOracle:
+    """The delivery oracle over the guest's memory and counters; bits from the config."""
+    bits = {(d.name, v): n for d in config.devices for v, n in enumerate(d.dsci_bits())}
+
+    def bit_of(device: str, vector: int) -> tuple[int, int]:
+        number = bits[(device, vector)]
+        return number >> 3, 0x80 >> (number & 7)
+
+    settle = rounds_settle(lambda: guest.rounds)
+    return oracle_for(backend.memory.load, bit_of, guest.counts, settle=settle)
+
+
+async def _client(
+    path: str, config: Config, deadline: float, oracle: DeliveryOracle, batch: int
+) -> None:
     rng = random.Random()
     devices = [(d.name, d.vector_count) for d in config.devices]
     client = QMPClient("demo")
@@ -83,10 +99,18 @@ async def _client(path: str, config: Config, deadline: float, sent: list[int], b
     try:
         while time.monotonic() < deadline:
             name, vectors = rng.choice(devices)
-            chosen = [rng.randrange(vectors) for _ in range(rng.randint(1, batch))]
-            reply = await client.execute("notify", {"device": name, "vector": chosen})
-            assert isinstance(reply, dict)
-            sent[0] += int(reply["applied"])  # a repeated vector is one notification
+            # Distinct vectors: the daemon counts a repeated vector once.
+            chosen = rng.sample(range(vectors), rng.randint(1, min(batch, vectors)))
+            tokens = oracle.submit_many((name, vector) for vector in chosen)
+            try:
+                await client.execute("notify", {"device": name, "vector": chosen})
+            except ExecuteError as exc:
+                # Which ones failed is in NOTIFY_FAILED events; the demo expects none.
+                for token in tokens:
+                    oracle.failed(token, exc.error_class)
+                continue
+            for token in tokens:
+                oracle.acknowledged(token)
     finally:
         await client.disconnect()
 
@@ -109,46 +133,70 @@ async def run_demo(seconds: float = 5.0, rate: int = 16, clients: int = 4) -> in
         assert service.wiring is not None
         backend = service.wiring.backend
         assert isinstance(backend, EmulatedBackend)
-        service.engine.set_counts = Counter()
         # The guest sleeps briefly when idle so that it does not starve the
         # event loop of the GIL (a real guest runs on its own CPU).
         guest = SimulatedGuest(backend.memory, service.model, idle_sleep=0.0005)
         guest.start()
+        oracle = _oracle(config, backend, guest)
         print(f"indicators demo: {len(config.devices)} devices, emulated backend, simulated "
               f"guest, {clients} QMP clients on {path}")  # fmt: skip
         start = time.monotonic()
-        sent = [0]
         workers = [
-            asyncio.create_task(_client(path, config, start + seconds, sent, rate))
+            asyncio.create_task(_client(path, config, start + seconds, oracle, rate))
             for _ in range(clients)
         ]
         tty = sys.stdout.isatty()
         while not all(w.done() for w in workers):
             await asyncio.sleep(0.5)
-            line = _progress(start, sent[0], service, guest)
+            line = _progress(start, oracle.acknowledged_count, service, guest)
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
         await asyncio.gather(*workers)
         await service.engine.drain()
         guest.stop()
-        print(("\r" if tty else "") + _progress(start, sent[0], service, guest))
+        print(("\r" if tty else "") + _progress(start, oracle.acknowledged_count, service, guest))
         adapters = service.describe_adapters()
         stats = service.describe_stats()
         await service.stop()
+    verdict = oracle.verdict()
     counters = service.engine.stats
-    set_bits = sum((service.engine.set_counts or Counter()).values())
-    failed = sum(counters.failures.values())
-    # The closing arithmetic: what the clients saw acknowledged is what the
-    # engine counts as applied, and each applied notification either set a
-    # clear bit (the guest consumed each of those once) or merged into a set one.
-    consumed_ok = guest.counts == service.engine.set_counts and sent[0] == counters.applied
+    arithmetic = _Arithmetic(
+        applied=counters.applied,
+        set_bits=sum((service.engine.set_counts or Counter()).values()),
+        failed=sum(counters.failures.values()),
+    )
     print()
     print(format_status(adapters, stats))
     print()
-    verdict = "yes" if consumed_ok else "NO"
-    print(
-        f"every acknowledged notification reached the guest: {verdict} ({sent[0]:,} "
-        f"acknowledged, {counters.applied:,} applied = {set_bits:,} set a clear bit "
-        f"({guest.total:,} consumed by the guest) + {counters.applied - set_bits:,} merged "
-        f"into a set bit; {failed:,} failed)"
+    return _report(verdict, guest.total, arithmetic)
+
+
+class _Arithmetic(NamedTuple):
+    applied: int
+    set_bits: int
+    failed: int
+
+
+def _report(verdict: Verdict, consumed: int, counts: _Arithmetic) -> int:
+    """Print the verdict; 0 when every acknowledged notification reached the guest
+    and the engine's counters agree with what the clients saw."""
+    ok = (
+        verdict.ok
+        and not verdict.failed
+        and counts.applied == verdict.acknowledged
+        and counts.failed == 0
     )
-    return 0 if consumed_ok else 1
+    print(
+        f"every acknowledged notification reached the guest: {'yes' if ok else 'NO'} "
+        f"({verdict.acknowledged:,} acknowledged, {len(verdict.lost):,} lost, "
+        f"{sum(verdict.failed.values()):,} failed; {consumed:,} bits consumed by the guest)"
+    )
+    # The closing arithmetic from the engine's counters: what the clients saw
+    # acknowledged is what the engine applied, and each applied notification
+    # either set a clear bit or merged into a bit that was still set.
+    print(
+        f"engine: {counts.applied:,} applied = {counts.set_bits:,} set a clear bit + "
+        f"{counts.applied - counts.set_bits:,} merged into a set bit; {counts.failed:,} failed"
+    )
+    if not ok:
+        print(verdict)
+    return 0 if ok else 1

@@ -1,4 +1,10 @@
-"""Shared fixtures.
+"""Shared fixtures, and what a test needs from the machine.
+
+Needs: :func:`need` (a call) and the marker ``needs(condition, reason)``
+skip a test whose machine lacks something (root, a tmpfs, /dev/kvm, QEMU,
+the assembler) with the reason, but FAIL it when the environment variable
+``CI`` is set: CI runs as root with /dev/kvm, QEMU and binutils, so a
+missing need there is a broken runner, not a smaller suite.
 
 Memop: ``memop_rig`` runs a test once per memop backend (the emulation, and
 the KVM backend over the emulated kernel in each ABI), with the memory and
@@ -7,6 +13,7 @@ storage keys behind it at hand.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +22,33 @@ import pytest
 
 from indicators.memop import EmulatedBackend, KvmBackend, MemopBackend
 from indicators.memop.kernel import EmulatedKvm
+
+# --------------------------------------------------------------------- needs
+
+
+def need(condition: object, reason: str) -> None:
+    """Go on when ``condition`` holds; else skip saying ``reason``, or fail with CI set."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``needs`` marker."""
+    config.addinivalue_line(
+        "markers", "needs(condition, reason): skip without condition; fail instead with CI set"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Apply every ``needs`` marker of ``item`` before its fixtures run."""
+    for marker in item.iter_markers("needs"):
+        condition = marker.args[0] if marker.args else marker.kwargs["condition"]
+        reason = marker.args[1] if len(marker.args) > 1 else marker.kwargs["reason"]
+        need(condition, reason)
+
 
 # --------------------------------------------------------------------- memop
 

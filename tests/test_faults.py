@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from conftest import need
 from daemon_helpers import (
     MEMORY,
     NET_DSCI,
@@ -156,8 +156,7 @@ def tmpfs(target: Path, options: str) -> Iterator[Path]:
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True
     )
-    if mounted.returncode:
-        pytest.skip(f"needs root to mount a tmpfs: {mounted.stderr.decode().strip()}")
+    need(mounted.returncode == 0, f"needs root to mount a tmpfs: {mounted.stderr.decode().strip()}")
     try:
         yield target
     finally:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from indicators.guestmem import CAS_SIZES, GuestMemory
 MEMORY_SIZE = 4 * 4096
 SLOT = 0x100  # the hammered 16 bytes
 GATE = 0x1000  # one "ready" byte per process
+#: How long a process waits at the gate for the other: only ends a hang (the other died).
+GATE_TIMEOUT = 60.0
 
 # ------------------------------------------------------------- semantics
 
@@ -136,8 +139,10 @@ def run_workers(memory: GuestMemory, fields: list[str], count: int, party: int) 
     """Increment ``fields`` in threads, once both processes (party 0 and 1) are ready."""
     threads = [threading.Thread(target=increment, args=(memory, f, count)) for f in fields]
     memory.write(GATE + party, b"\x01")
+    deadline = time.monotonic() + GATE_TIMEOUT
     while memory.read(GATE, 2) != b"\x01\x01":  # start together, so the processes overlap
-        pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"party {party}: the other process never reached the gate")
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # interleave the threads finely
     try:
@@ -174,10 +179,12 @@ def test_threads_and_forked_process_on_anonymous_mapping() -> None:
     with GuestMemory(MEMORY_SIZE) as memory:
         pid = os.fork()
         if pid == 0:
+            code = 1
             try:
                 run_workers(memory, CHILD, COUNT, party=1)
+                code = 0
             finally:
-                os._exit(0)
+                os._exit(code)
         run_workers(memory, PARENT, COUNT, party=0)
         _, status = os.waitpid(pid, 0)
         assert status == 0

@@ -150,3 +150,72 @@ def test_oracle_for_reads_memory_bits_and_live_counts():
     verdict = oracle.verdict()
     assert (verdict.seen_in_memory, verdict.seen_by_counter) == (1, 1)
     assert [(i.device, i.vector) for i in verdict.lost] == [("d", 1)]
+
+
+# ------------------------------------------------------------------ settle
+
+
+def test_settle_waits_for_a_count_that_lags_the_clear(guest):
+    """The guest cleared the bit before the acknowledgement and counts it during settle."""
+    calls = []
+
+    def settle():
+        calls.append(1)
+        guest.counts[("net0", 2)] += 1
+
+    oracle = DeliveryOracle(guest.read_bit, guest.count, settle=settle)
+    token = oracle.submit("net0", 2)
+    oracle.acknowledged(token)
+    assert calls == [1]
+    verdict = oracle.verdict()
+    assert verdict.ok and verdict.seen_by_counter == 1
+
+
+def test_settle_is_not_called_when_the_evidence_is_there(guest):
+    calls = []
+    oracle = DeliveryOracle(guest.read_bit, guest.count, settle=lambda: calls.append(1))
+    seen, counted = oracle.submit_many([("net0", 1), ("net0", 2)])
+    guest.bits.add(("net0", 1))
+    oracle.acknowledged(seen)
+    guest.consume("net0", 2)
+    oracle.acknowledged(counted)
+    assert calls == [] and oracle.verdict().ok
+
+
+def test_with_settle_a_later_delivery_of_the_vector_is_no_evidence(guest):
+    """Without settle any later move of the counter would do; with it, the count after
+    settling is final, so an acknowledgement that wrote nothing is caught."""
+    oracle = DeliveryOracle(guest.read_bit, guest.count, settle=lambda: None)
+    token = oracle.submit("net0", 2)
+    oracle.acknowledged(token)
+    guest.consume("net0", 2)  # another notification of the vector, delivered later
+    assert len(oracle.verdict().lost) == 1
+
+    lax = DeliveryOracle(guest.read_bit, guest.count)
+    token = lax.submit("net0", 2)
+    lax.acknowledged(token)
+    guest.consume("net0", 2)
+    verdict = lax.verdict()
+    assert verdict.ok and verdict.counted_late == 1
+    assert "of which after acknowledgement 1" in str(verdict)
+
+
+def test_rounds_settle_waits_for_two_rounds():
+    from indicators.testing.oracle import rounds_settle
+
+    rounds = iter(range(100))
+    seen = []
+
+    def counter():
+        value = next(rounds)
+        seen.append(value)
+        return value
+
+    rounds_settle(counter)()
+    assert seen[-1] >= seen[0] + 2
+
+
+def test_rounds_settle_gives_up_on_a_stopped_guest():
+    from indicators.testing.oracle import rounds_settle
+
+    rounds_settle(lambda: 7, timeout=0.01)()  # returns: a parked guest does not hang us

@@ -22,7 +22,7 @@ from daemon_helpers import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+needs_root = pytest.mark.needs(os.geteuid() == 0, reason="dropping privileges needs root")
 
 
 def _ids(pid: int) -> tuple[list[int], list[int]]:

@@ -1,6 +1,7 @@
 """The CI soak: one minute of mixed load, faults and QEMU restarts against a real guest.
 
-``make soak`` runs the same for ten minutes (SOAK_SECONDS).
+``make soak`` runs the same for ten minutes (SOAK_SECONDS).  What the soak
+report's ``problems()`` flags is tested on its own in test_soak_report.py.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ async def test_soak_loses_nothing_and_leaks_nothing(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.ERROR, logger="indicators")
     report = await run_soak(SECONDS, round_seconds=10.0)
     print("\n" + "\n".join(report.lines()))
-    assert report.rounds >= 2, "at least one QEMU restart"
-    assert report.acknowledged > 0
-    assert report.lost == 0, report.lines()
+    # Lost, unexpected failure codes, leaked fds, memory per request: see problems().
+    assert report.problems() == [], "\n".join(report.lines())
+    assert report.restarts >= 1, "at least one QEMU restart"
     assert report.faults["eagain"] > 0 and report.faults["protection"] > 0
-    assert report.fds_end <= report.fds_start, "file descriptors leaked"
-    assert report.rss_late_growth_kib < 32 * 1024, "memory kept growing in the second half"
+    assert report.failures["4"] > 0, "the protected window refused its notifications"
+    assert report.seen_in_memory > 0 and report.seen_by_counter > 0

@@ -9,6 +9,11 @@ The layers, each usable on its own:
 - :mod:`indicators.testing.qemu`: :class:`~indicators.testing.qemu.AirqGuest`,
   one QEMU running the guest with its RAM shared with this process;
 - :mod:`indicators.testing.layout`: from device configs to the guest's layout;
+- :mod:`indicators.testing.oracle`: :class:`~indicators.testing.oracle.DeliveryOracle`,
+  whether every acknowledged notification reached the guest, judged from the
+  caller's and the guest's side only (no QEMU needed; the demo uses it too);
+- :mod:`indicators.testing.delivery`: that oracle over the real test guest,
+  and notifications sent through a QMP client or an engine, told to it;
 - :mod:`indicators.testing.rig`: :class:`~indicators.testing.rig.IndicatorsRig`,
   the guest plus an ``indicators`` daemon attached to it;
 - :mod:`indicators.testing.plugin`: the pytest plugin (entry point

@@ -12,6 +12,8 @@ installs ``indicators`` (with pytest and pytest-asyncio) has these fixtures:
 ``indicators_guest``        its :class:`~indicators.testing.qemu.AirqGuest`
 ``indicators_daemon``       its :class:`~indicators.daemon.service.Service`
 ``indicators_qmp``          a ``qemu.qmp.QMPClient`` connected to the daemon
+``indicators_oracle``       a :class:`~indicators.testing.oracle.DeliveryOracle`
+                            over the guest: did what was acknowledged arrive?
 ==========================  ===================================================
 
 and the marker ``indicators_layout``, read by the first three::
@@ -23,9 +25,12 @@ and the marker ``indicators_layout``, read by the first three::
         config={"vmm": {"hold_while_stopped": False}},  # optional
         vmm_grace=1.0,                                # optional
     )
-    async def test_notify(indicators_rig, indicators_qmp):
-        await indicators_qmp.execute("notify", {"device": "net0", "vector": 1})
+    async def test_notify(indicators_rig, indicators_qmp, indicators_oracle):
+        from indicators.testing.delivery import notify
+
+        assert await notify(indicators_qmp, indicators_oracle, "net0", [1])
         await indicators_rig.settle()
+        assert indicators_oracle.verdict().ok
         assert await indicators_rig.park() == {("net0", 1): 1}
 
 Without QEMU or the s390x assembler the rig's tests skip, saying what to
@@ -46,6 +51,7 @@ if TYPE_CHECKING:  # the rest loads when a test asks for the rig, not in every p
     from qemu.qmp import QMPClient
 
     from indicators.daemon.service import Service
+    from indicators.testing.oracle import DeliveryOracle
     from indicators.testing.qemu import AirqGuest
     from indicators.testing.rig import IndicatorsRig
 
@@ -70,6 +76,7 @@ __all__ = [
     "indicators_daemon",
     "indicators_devices",
     "indicators_guest",
+    "indicators_oracle",
     "indicators_qmp",
     "indicators_rig",
     "indicators_storage_keys",
@@ -186,3 +193,14 @@ def indicators_daemon(indicators_rig: IndicatorsRig) -> Service:
 async def indicators_qmp(indicators_rig: IndicatorsRig) -> AsyncIterator[QMPClient]:
     """A ``qemu.qmp.QMPClient`` connected to the daemon's control socket."""
     yield await indicators_rig.client("indicators-qmp")
+
+
+@pytest.fixture
+def indicators_oracle(indicators_rig: IndicatorsRig) -> DeliveryOracle:
+    """A delivery oracle over the rig's guest (its memory and its own counters).
+
+    Tell it what you send and what came back (or use
+    :func:`indicators.testing.delivery.notify`), let the guest settle, then
+    ``assert oracle.verdict().ok``.
+    """
+    return indicators_rig.oracle()

@@ -6,18 +6,26 @@
    (:class:`~indicators.testing.qemu.AirqGuest`) over the layout of the
    devices (:mod:`indicators.testing.layout`), with a second QMP monitor for
    the daemon's VMM link;
-2. an in-process :class:`~indicators.daemon.service.Service`: the emulated
-   backend over the guest's RAM file (``ram = "auto"``, found by the VMM
-   link's ``qom-get``), the VMM link on that second monitor, the control
-   socket in the directory; the storage keys the guest set are loaded from
-   ``dump-skeys``, and the engine counts, per (device, vector), the
-   notifications that found their bit clear (``engine.set_counts``).
+2. an in-process :class:`~indicators.daemon.service.Service` configured
+   like any other: the emulated backend over the guest's RAM file (``ram =
+   "auto"``, found by the VMM link's ``qom-get``), the VMM link on that
+   second monitor with the rig's ``[vmm]`` settings (``disconnect_grace``,
+   ``skeys_refresh``: the daemon loads the storage keys the guest set from
+   ``dump-skeys`` itself, at start, periodically and when it attaches to a
+   new QEMU; the rig only waits until it has), the control socket in the
+   directory.
+
+Whether every acknowledged notification reached the guest is judged from
+the caller's side by a :class:`~indicators.testing.oracle.DeliveryOracle`
+over the guest's memory and its own per-vector counters (:meth:`IndicatorsRig.oracle`):
 
     async with IndicatorsRig(devices) as rig:
         client = await rig.client()
-        await client.execute("notify", {"device": "net0", "vector": [0, 1]})
+        oracle = rig.oracle()
+        await notify(client, oracle, "net0", [0, 1])   # indicators.testing.delivery
         await rig.settle()                       # the guest consumed every bit
-        assert await rig.park() == rig.engine.set_counts
+        verdict = oracle.verdict()
+        assert verdict.ok, verdict
 
 Closing (also after an exception) stops the daemon, kills QEMU and removes
 the directory with the RAM file and the sockets.  :mod:`indicators.testing.plugin`
@@ -44,9 +52,11 @@ from indicators.config import Config, parse_config
 from indicators.daemon.service import Service
 from indicators.engine import Engine
 from indicators.guestmem import GuestMemory
+from indicators.testing.delivery import guest_oracle
 from indicators.testing.errors import RigError
 from indicators.testing.guest import FREE_GADDR, GuestState
 from indicators.testing.layout import GuestLayout, derived_storage_keys, guest_layout
+from indicators.testing.oracle import DeliveryOracle
 from indicators.testing.qemu import DEFAULT_MEMORY, AirqGuest, StorageKey
 
 __all__ = ["DEFAULT_DEVICES", "IndicatorsRig", "daemon_config"]
@@ -82,6 +92,9 @@ DEFAULT_DEVICES: tuple[dict[str, Any], ...] = (
 )
 
 _DAEMON_STOP = 15.0
+#: The rig's default ``[vmm] skeys_refresh``: often enough that a guest which
+#: sets its keys after the daemon attached is seen within a second.
+SKEYS_REFRESH = 0.5
 
 
 def daemon_config(
@@ -97,7 +110,7 @@ def daemon_config(
         "backend": {"kind": "emulated", "memory_size": memory_size, "ram": "auto"},
         "devices": [dict(device) for device in devices],
         "control": {"socket": control_socket},
-        "vmm": {"qmp_socket": vmm_socket},
+        "vmm": {"qmp_socket": vmm_socket, "skeys_refresh": SKEYS_REFRESH},
     }
     for section, value in (overrides or {}).items():
         current = raw.get(section)
@@ -116,8 +129,9 @@ class IndicatorsRig:
     maps page gaddrs to the key byte the guest sets (default:
     :func:`~indicators.testing.layout.derived_storage_keys`); ``config``
     holds extra daemon config sections (``{"vmm": {"hold_while_stopped":
-    False}}``); ``vmm_grace`` is how long the daemon holds notifications for
-    a vanished QEMU before it refuses them (the daemon's default: 5 s).
+    False}}``); ``vmm_grace`` is ``[vmm] disconnect_grace``, how long the
+    daemon holds notifications for a vanished QEMU before it refuses them
+    (the daemon's default: 5 s).
     """
 
     def __init__(
@@ -131,22 +145,26 @@ class IndicatorsRig:
         workdir: str | None = None,
     ) -> None:
         self.memory_size = memory_size
-        self.vmm_grace = vmm_grace
         self._dir = Path(tempfile.mkdtemp(prefix="indicators-rig-", dir=workdir))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
+            overrides = dict(config or {})
+            if vmm_grace is not None:
+                overrides["vmm"] = {"disconnect_grace": vmm_grace, **overrides.get("vmm", {})}
             raw = daemon_config(
                 devices,
                 memory_size=memory_size,
                 control_socket=str(self._dir / "control.sock"),
                 vmm_socket=str(self._dir / "vmm.sock"),
-                overrides=config,
+                overrides=overrides,
             )
             #: The daemon's validated config.
             self.config: Config = parse_config(raw, "<indicators rig>")
             keys = (
                 derived_storage_keys(self.config.devices) if storage_keys is None else storage_keys
             )
+            #: ``{page gaddr: key byte}`` the guest sets.
+            self.storage_key_settings: dict[int, int] = dict(keys)
             #: The guest's layout and counter map.
             self.layout: GuestLayout = guest_layout(self.config.devices, keys, memory_size)
         except BaseException:
@@ -172,16 +190,14 @@ class IndicatorsRig:
         await self.close()
 
     async def start(self) -> None:
-        """Boot the guest, start the daemon, load the storage keys; undone on failure."""
+        """Boot the guest, start the daemon, wait until it loaded the storage keys;
+        undone on failure."""
         try:
             await self.start_qemu()
             service = Service(self.config)
             self._service = service
             await service.start()
-            service.engine.set_counts = Counter()
-            if self.vmm_grace is not None and service.vmm is not None:
-                service.vmm.grace = self.vmm_grace
-            await service.refresh_storage_keys()
+            await self._wait_keys_loaded(service, 10.0)
         except BaseException:
             await self.close()
             raise
@@ -213,7 +229,7 @@ class IndicatorsRig:
         """Boot a (new) QEMU with the same layout and VMM socket.
 
         With the daemon running, wait until it re-attached (mapped the new
-        RAM file) and reload the storage keys the new guest set.
+        RAM file) and loaded the storage keys the new guest set.
         """
         if self._guest is not None and self._guest.running:
             raise RigError("QEMU is still running: kill_qemu() first")
@@ -228,7 +244,7 @@ class IndicatorsRig:
         service = self._service
         if service is not None:
             await self._wait_attached(service, guest.ram_path, timeout)
-            await service.refresh_storage_keys()
+            await self._wait_keys_loaded(service, timeout)
 
     async def _wait_attached(self, service: Service, ram_path: str, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -248,6 +264,28 @@ class IndicatorsRig:
                 raise RigError(f"the daemon did not attach to the new QEMU in {timeout:g} s")
             await asyncio.sleep(0.005)
 
+    async def _wait_keys_loaded(self, service: Service, timeout: float) -> None:
+        """Wait until the daemon's backend has the access-control and fetch bits
+        of every key the guest set (it loads them from ``dump-skeys`` itself)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            backend = service.wiring.backend if service.wiring else None
+            get_key = getattr(backend, "get_storage_key", None)
+            if get_key is None:
+                return  # not an emulated backend: nothing to load
+            if all(
+                get_key(page) & 0xF8 == key & 0xF8
+                for page, key in self.storage_key_settings.items()
+            ):
+                return
+            if loop.time() > deadline:
+                raise RigError(
+                    f"the daemon did not load the guest's storage keys in {timeout:g} s "
+                    "(is [vmm] skeys_refresh set?)"
+                )
+            await asyncio.sleep(0.01)
+
     # ------------------------------------------------------------ accessors
 
     @property
@@ -266,7 +304,7 @@ class IndicatorsRig:
 
     @property
     def engine(self) -> Engine:
-        """The daemon's engine (``engine.set_counts`` counts what found its bit clear)."""
+        """The daemon's engine."""
         return self.service.engine
 
     @property
@@ -319,9 +357,11 @@ class IndicatorsRig:
         """Every page's storage key as QEMU reports it (``dump-skeys``), by page gaddr."""
         return await self.guest.storage_keys()
 
-    async def refresh_storage_keys(self) -> int:
-        """Have the daemon reload the keys from ``dump-skeys``; pages loaded."""
-        return await self.service.refresh_storage_keys()
+    def oracle(self) -> DeliveryOracle:
+        """A delivery oracle over the current guest's memory and its own per-vector
+        counters (make a new one after :meth:`start_qemu`); see
+        :mod:`indicators.testing.delivery`."""
+        return guest_oracle(self.guest, self.layout)
 
     # ------------------------------------------------------------- memory
 

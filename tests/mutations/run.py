@@ -1,0 +1,394 @@
+"""Mutation check: does the suite catch the regressions issue 11 lists?
+
+Each mutation is a textual patch (exact search -> replace) of one file of
+the package.  For each, the package and the tests are copied to a
+temporary directory, the patch is applied to the copy (a search string
+that no longer matches exactly as often as expected fails loudly as
+"pattern not found": re-target it, do not let it pass), and the test
+files that should catch it run against the copy (``PYTHONPATH`` at the
+copy, so ``indicators run`` subprocesses run the mutant too).  A mutation
+is caught when those tests fail.  First the same tests run once on an
+unpatched copy: they must pass there, or a "caught" would mean nothing.
+
+    python tests/mutations/run.py              # all, with the baseline
+    python tests/mutations/run.py -k reload    # those whose name contains "reload"
+    python tests/mutations/run.py --list
+    make mutations
+
+Exit status 0 when every mutation was caught (and the baseline passed).
+It is not part of the regular suite (pytest collects no file here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Per pytest run: generous, it only ends a hang (a hang counts as caught, and says so).
+TIMEOUT = 900.0
+#: The QEMU soak, shortened for the mutation check (two warm-up rounds, then two).
+SOAK = {"INDICATORS_SOAK_SECONDS": "45"}
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace ``search`` by ``replace`` in ``path``; ``count``: how often it must occur."""
+
+    path: str
+    search: str
+    replace: str
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """A regression and the tests that must catch it (pytest arguments)."""
+
+    name: str
+    patches: tuple[Patch, ...]
+    tests: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+SERVICE = "indicators/daemon/service.py"
+ENGINE = "indicators/engine.py"
+BITOR = "indicators/bitor.py"
+SESSION = "indicators/daemon/qmp_session.py"
+
+ACK_WITHOUT_WRITE = Patch(
+    ENGINE,
+    "        for target, count in counts.items():\n            group = groups.get(target.wkey)\n",
+    "        for target, count in counts.items():\n"
+    "            self._mutant = getattr(self, '_mutant', 0) + 1\n"
+    "            if self._mutant % 500 == 0:\n"
+    "                continue  # acknowledged, never written, never counted\n"
+    "            group = groups.get(target.wkey)\n",
+)
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "ack-without-write-every-500th: daemon",
+        (ACK_WITHOUT_WRITE,),
+        ("tests/test_service_config.py::test_every_acknowledged_notify_reached_the_guest",),
+    ),
+    Mutation("ack-without-write-every-500th: demo", (ACK_WITHOUT_WRITE,), ("tests/test_demo.py",)),
+    Mutation(
+        "ack-without-write-every-500th: e2e (QEMU)",
+        (ACK_WITHOUT_WRITE,),
+        ("tests/test_e2e.py", "-k", "million or stop_and_cont"),
+    ),
+    Mutation(
+        "ack-without-write-every-500th: soak (QEMU)",
+        (ACK_WITHOUT_WRITE,),
+        ("tests/test_soak.py",),
+        SOAK,
+    ),
+    Mutation(
+        "no backoff on -EAGAIN",
+        (
+            Patch(
+                BITOR,
+                "                await asyncio.sleep(delay * (0.5 + self._random.random() / 2))\n",
+                "                pass\n",
+            ),
+        ),
+        ("tests/test_retry.py",),
+    ),
+    Mutation(
+        "no-exchange bound removed",
+        (
+            Patch(
+                BITOR,
+                "            if rounds >= policy.max_no_xchg_rounds:\n",
+                "            if False:\n",
+            ),
+        ),
+        ("tests/test_retry.py",),
+    ),
+    Mutation(
+        "one token bucket shared by all clients",
+        (
+            Patch(
+                SESSION,
+                "        self._tokens = self._rate or 0.0\n"
+                "        self._last = self._loop.time()\n",
+                "        if not hasattr(QmpSession, 'shared_tokens'):\n"
+                "            QmpSession.shared_tokens = self._rate or 0.0\n"
+                "            QmpSession.shared_last = self._loop.time()\n",
+            ),
+            Patch(SESSION, "self._tokens", "QmpSession.shared_tokens", count=4),
+            Patch(SESSION, "self._last", "QmpSession.shared_last", count=3),
+        ),
+        ("tests/test_service_config.py", "-k", "greedy"),
+    ),
+    Mutation(
+        "rate limit not wired from the config",
+        (
+            Patch(
+                SERVICE,
+                "            max_rate=control.max_rate if control else None,\n",
+                "            max_rate=None,\n",
+            ),
+        ),
+        ("tests/test_service_config.py", "-k", "greedy"),
+    ),
+    Mutation(
+        "every peer admitted by default",
+        (Patch(SERVICE, "            uids = {0, os.getuid()}\n", "            return True\n"),),
+        ("tests/test_service_config.py", "-k", "peer_policy"),
+    ),
+    Mutation(
+        "write guard removed from the service's wiring",
+        (
+            Patch(
+                SERVICE,
+                "        return model, "
+                "ConfinedBackend(self.wiring.backend, model.allowed_bits())\n",
+                "        return model, self.wiring.backend\n",
+            ),
+        ),
+        ("tests/test_service_config.py", "-k", "write_guard"),
+    ),
+    Mutation(
+        "global max_eventfds ignored",
+        (
+            Patch(
+                SERVICE,
+                "            control.max_eventfds if control else 1024,\n",
+                "            1024,\n",
+            ),
+        ),
+        ("tests/test_service_config.py", "-k", "eventfd_limits"),
+    ),
+    Mutation(
+        "disconnect_grace timer never fires",
+        (
+            Patch(
+                "indicators/daemon/vmm.py",
+                "                self.grace, self.hooks.unavailable,",
+                "                self.grace + 1e9, self.hooks.unavailable,",
+            ),
+        ),
+        ("tests/test_service_vmm.py", "-k", "grace"),
+    ),
+    Mutation(
+        "periodic dump-skeys refresh not started",
+        (
+            Patch(
+                SERVICE,
+                "        if self.config.vmm is not None and self.config.vmm.skeys_refresh:\n",
+                "        if False:\n",
+            ),
+        ),
+        ("tests/test_service_vmm.py", "-k", "periodic"),
+    ),
+    Mutation(
+        "refresh on re-attach skipped",
+        (
+            Patch(
+                SERVICE,
+                "        if vmm.skeys_refresh:\n            await self.refresh_storage_keys()\n",
+                "        pass\n",
+            ),
+        ),
+        ("tests/test_service_vmm.py", "-k", "reattach"),
+    ),
+    Mutation(
+        "listeners lost on reload",
+        (
+            Patch(
+                SERVICE,
+                "        for listener in old._listeners:\n            engine.subscribe(listener)\n",
+                "",
+            ),
+        ),
+        ("tests/test_service_reload.py", "-k", "listeners"),
+    ),
+    Mutation(
+        "suppression state lost on reload",
+        (Patch(SERVICE, "        engine.simm, engine.nimm = old.simm, old.nimm\n", ""),),
+        ("tests/test_service_reload.py", "-k", "suppression"),
+    ),
+    Mutation(
+        "retry policy lost on reload",
+        (
+            Patch(
+                SERVICE,
+                "Engine(*self._confined(model), old.sink, new.retry, old.stats)",
+                "Engine(*self._confined(model), old.sink, None, old.stats)",
+            ),
+        ),
+        ("tests/test_service_reload.py", "-k", "retry_policy"),
+    ),
+    Mutation(
+        "holds lost on reload",
+        (Patch(SERVICE, "        if old.paused:\n            engine.pause()\n", ""),),
+        ("tests/test_service_reload.py", "-k", "holds"),
+    ),
+    Mutation(
+        "reload accepted with an eventfd on a removed device",
+        (
+            Patch(
+                SERVICE,
+                "            if target is None or int(str(vector)) >= target.vectors:\n",
+                "            if False:\n",
+            ),
+        ),
+        ("tests/test_service_reload.py", "-k", "eventfd"),
+    ),
+    Mutation(
+        "reload accepted with notifications pending",
+        (Patch(SERVICE, "        if self.engine.pending:\n", "        if False:\n"),),
+        ("tests/test_service_reload.py", "-k", "pending"),
+    ),
+    Mutation(
+        "most notifications fail (the soak must say so)",
+        (
+            Patch(
+                BITOR,
+                "        backend, stats, policy = self.backend, self.stats, self.policy\n",
+                "        backend, stats, policy = self.backend, self.stats, self.policy\n"
+                "        if self._random.random() < 0.75:\n"
+                "            raise OrFailure('EIO', 'mutant', gaddr, size, key)\n",
+            ),
+        ),
+        ("tests/test_soak.py",),
+        SOAK,
+    ),
+    Mutation(
+        "10 KiB leaked per request (the soak must say so)",
+        (
+            Patch(SESSION, "\nclass QmpSession", "\n_LEAK: list = []\n\n\nclass QmpSession"),
+            Patch(
+                SESSION,
+                "        command = self._commands.get(request.command)\n",
+                "        _LEAK.append(bytes(range(256)) * 40)\n"
+                "        command = self._commands.get(request.command)\n",
+            ),
+        ),
+        ("tests/test_soak.py",),
+        SOAK,
+    ),
+)
+
+
+class PatternNotFound(Exception):
+    """A mutation's search string no longer matches the code: re-target it."""
+
+
+def copy_tree(destination: Path) -> None:
+    """The package, the tests and the project config, as they are in the worktree."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+    shutil.copytree(ROOT / "indicators", destination / "indicators", ignore=ignore)
+    shutil.copytree(ROOT / "tests", destination / "tests", ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", destination / "pyproject.toml")
+
+
+def apply(copy: Path, patch: Patch) -> None:
+    """Apply ``patch`` to the copy; PatternNotFound unless it matches ``count`` times."""
+    path = copy / patch.path
+    text = path.read_text()
+    found = text.count(patch.search)
+    if found != patch.count:
+        raise PatternNotFound(
+            f"pattern not found {patch.count} time(s) in {patch.path} (found {found}): "
+            f"{patch.search.strip()[:70]!r}"
+        )
+    path.write_text(text.replace(patch.search, patch.replace))
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], env: dict[str, str]) -> tuple[str, float, str]:
+    """Run pytest on the copy: ("passed" | "failed" | "error N" | "timeout", seconds, tail)."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    environment = {**os.environ, **env, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, cwd=copy, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, text=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # our own session: pytest and its daemons
+        output, _ = process.communicate()
+        return "timeout", time.monotonic() - started, output[-2000:]
+    seconds = time.monotonic() - started
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    if process.returncode == 0:
+        return "passed", seconds, tail
+    if process.returncode == 1:
+        return "failed", seconds, tail
+    return f"error {process.returncode}", seconds, tail
+
+
+def check(mutation: Mutation, verbose: bool) -> tuple[str, float]:
+    """Run one mutation; its verdict ("caught", "MISSED", ...) and seconds."""
+    with tempfile.TemporaryDirectory(prefix="indicators-mutant-") as directory:
+        copy = Path(directory)
+        copy_tree(copy)
+        try:
+            for patch in mutation.patches:
+                apply(copy, patch)
+        except PatternNotFound as exc:
+            return f"PATTERN NOT FOUND: {exc}", 0.0
+        outcome, seconds, tail = run_tests(copy, mutation.tests, mutation.env)
+    if verbose or outcome not in ("failed", "passed"):
+        print(tail, file=sys.stderr)
+    verdict = {"failed": "caught", "passed": "MISSED", "timeout": "caught (by a hang!)"}
+    return verdict.get(outcome, f"ERROR ({outcome})"), seconds
+
+
+def baseline(mutations: list[Mutation]) -> list[str]:
+    """Run each distinct test selection unmutated; the ones that do not pass."""
+    broken = []
+    with tempfile.TemporaryDirectory(prefix="indicators-baseline-") as directory:
+        copy = Path(directory)
+        copy_tree(copy)
+        for tests, env in {(m.tests, tuple(sorted(m.env.items()))): None for m in mutations}:
+            outcome, seconds, tail = run_tests(copy, tests, dict(env))
+            print(f"  baseline {' '.join(tests)}: {outcome} ({seconds:.0f} s)", flush=True)
+            if outcome != "passed":
+                print(tail, file=sys.stderr)
+                broken.append(" ".join(tests))
+    return broken
+
+
+def main() -> int:
+    """Run the mutations; print the caught/missed table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each test tail")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.k.lower() in m.name.lower()]
+    if args.list:
+        for mutation in chosen:
+            print(f"{mutation.name}: {' '.join(mutation.tests)}")
+        return 0
+    broken = [] if args.no_baseline else baseline(chosen)
+    rows = []
+    for mutation in chosen:
+        verdict, seconds = check(mutation, args.verbose)
+        rows.append((mutation.name, " ".join(mutation.tests), verdict, seconds))
+        print(f"  {verdict:<8} {mutation.name} ({seconds:.0f} s)", flush=True)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'mutation':<{width}}  {'result':<8}  seconds  tests")
+    for name, tests, verdict, seconds in rows:
+        print(f"{name:<{width}}  {verdict:<8}  {seconds:7.0f}  {tests}")
+    caught = sum(r[2].startswith("caught") for r in rows)
+    print(f"\n{caught} of {len(rows)} caught" + (f"; baseline broken: {broken}" if broken else ""))
+    return 0 if caught == len(rows) and not broken else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
