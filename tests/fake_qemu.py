@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import mmap
 import os
 from typing import Any
 
@@ -32,6 +33,16 @@ class FakeQemu:
         self._server: asyncio.AbstractServer | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._dumped = asyncio.Condition()
+        #: RAM files it holds open and maps shared, as QEMU does (the daemon takes
+        #: the RAM only from a file QEMU really maps): path -> (fd, mapping)
+        self._held: dict[str, tuple[int, mmap.mmap]] = {}
+
+    def _hold(self, path: str) -> None:
+        if path in self._held:
+            return
+        with contextlib.suppress(OSError, ValueError):  # a missing or empty file: not mapped
+            fd = os.open(path, os.O_RDWR)
+            self._held[path] = (fd, mmap.mmap(fd, 0, mmap.MAP_SHARED))
 
     async def start(self) -> None:
         """Listen (again)."""
@@ -99,6 +110,7 @@ class FakeQemu:
                                 "prealloc": False, "share": True, "policy": "default",
                                 "host-nodes": []}]}  # fmt: skip
         if command == "qom-get" and arguments.get("property") == "mem-path":
+            self._hold(self.ram_path)
             return {"return": self.ram_path}
         if command == "dump-skeys":
             with open(arguments["filename"], "w") as dump:

@@ -194,7 +194,7 @@ async def test_an_eventfd_on_a_dropped_target_is_refused(
     tmp_path: Path, change: str, named: str
 ) -> None:
     raw = daemon_config(tmp_path / "control.sock")
-    efd = os.eventfd(0)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         async with (
             service_from(tmp_path, raw) as service,

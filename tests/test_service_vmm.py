@@ -32,6 +32,7 @@ from fake_qemu import FakeQemu
 from qemu.qmp import ExecuteError
 
 from indicators.guestmem import GuestMemory
+from indicators.testing.delivery import error_code
 
 LOCKED_DSCI = LOCKED_PAGE + 0x100  # the "locked" device: access key 5, config key 0x30 (ACC 3)
 
@@ -150,7 +151,7 @@ async def notify_locked(client: Client, vector: int) -> str:
     try:
         await client.execute("notify", {"device": "locked", "vector": vector})
     except ExecuteError as exc:
-        return str(exc).rsplit("(code ", 1)[-1].rstrip(")")
+        return error_code(exc)
     return "applied"
 
 
