@@ -234,7 +234,8 @@ async def _client_load(
     try:
         while loop.time() < until:
             name, count = rng.choice(devices)
-            vectors = [rng.randrange(count) for _ in range(rng.randint(1, 16))]
+            # Distinct vectors: the daemon counts a repeated vector once.
+            vectors = rng.sample(range(count), rng.randint(1, min(16, count)))
             tokens = oracle.submit_many((name, vector) for vector in vectors)
             report.requests += 1
             try:
