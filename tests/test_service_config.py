@@ -228,7 +228,7 @@ async def test_eventfd_limits_per_client_and_in_all(tmp_path: Path) -> None:
         tmp_path / "control.sock", control={"max_eventfds": 3, "max_eventfds_per_client": 2}
     )
     with contextlib.ExitStack() as stack, running_daemon(tmp_path, raw) as daemon:
-        fds = [os.eventfd(0) for _ in range(5)]
+        fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(5)]
         for fd in fds:
             stack.callback(os.close, fd)
         async with (

@@ -61,17 +61,18 @@ class Mutation:
 
 SERVICE = "indicators/daemon/service.py"
 ENGINE = "indicators/engine.py"
+BATCH = "indicators/batch.py"
 BITOR = "indicators/bitor.py"
 SESSION = "indicators/daemon/qmp_session.py"
 
 ACK_WITHOUT_WRITE = Patch(
-    ENGINE,
-    "        for target, count in counts.items():\n            group = groups.get(target.wkey)\n",
-    "        for target, count in counts.items():\n"
-    "            self._mutant = getattr(self, '_mutant', 0) + 1\n"
-    "            if self._mutant % 500 == 0:\n"
-    "                continue  # acknowledged, never written, never counted\n"
-    "            group = groups.get(target.wkey)\n",
+    BATCH,
+    "    for target, count in counts.items():\n        group = groups.get(target.wkey)\n",
+    "    for target, count in counts.items():\n"
+    "        globals()['_MUTANT'] = globals().get('_MUTANT', 0) + 1\n"
+    "        if globals()['_MUTANT'] % 500 == 0:\n"
+    "            continue  # acknowledged, never written, never counted\n"
+    "        group = groups.get(target.wkey)\n",
 )
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -79,6 +80,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ack-without-write-every-500th: daemon",
         (ACK_WITHOUT_WRITE,),
         ("tests/test_service_config.py::test_every_acknowledged_notify_reached_the_guest",),
+    ),
+    Mutation(
+        "ack-without-write-every-500th: engine",
+        (ACK_WITHOUT_WRITE,),
+        ("tests/test_engine.py", "-k", "consumed_and_a_failed_one"),
     ),
     Mutation("ack-without-write-every-500th: demo", (ACK_WITHOUT_WRITE,), ("tests/test_demo.py",)),
     Mutation(
@@ -97,8 +103,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Patch(
                 BITOR,
-                "                await asyncio.sleep(delay * (0.5 + self._random.random() / 2))\n",
-                "                pass\n",
+                "            await asyncio.sleep(delay * (0.5 + self._random.random() / 2))\n",
+                "            pass\n",
             ),
         ),
         ("tests/test_retry.py",),
@@ -108,7 +114,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Patch(
                 BITOR,
-                "            if rounds >= policy.max_no_xchg_rounds:\n",
+                "            if rounds >= self.policy.max_no_xchg_rounds:\n",
                 "            if False:\n",
             ),
         ),
@@ -126,7 +132,9 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "            QmpSession.shared_last = self._loop.time()\n",
             ),
             Patch(SESSION, "self._tokens", "QmpSession.shared_tokens", count=4),
-            Patch(SESSION, "self._last", "QmpSession.shared_last", count=3),
+            # not self._last_input, the idle timer's
+            Patch(SESSION, "self._last ", "QmpSession.shared_last ", count=2),
+            Patch(SESSION, "self._last)", "QmpSession.shared_last)", count=1),
         ),
         ("tests/test_service_config.py", "-k", "greedy"),
     ),
@@ -185,7 +193,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Patch(
                 SERVICE,
-                "        if self.config.vmm is not None and self.config.vmm.skeys_refresh:\n",
+                "        if self.vmm is not None and self.config.vmm and "
+                "self.config.vmm.skeys_refresh:\n",
                 "        if False:\n",
             ),
         ),
@@ -255,8 +264,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Patch(
                 BITOR,
-                "        backend, stats, policy = self.backend, self.stats, self.policy\n",
-                "        backend, stats, policy = self.backend, self.stats, self.policy\n"
+                "        where = gaddr << 5 | size\n"
+                "        current = self._seen.get(where, 0) & ~bits\n",
+                "        where = gaddr << 5 | size\n"
+                "        current = self._seen.get(where, 0) & ~bits\n"
                 "        if self._random.random() < 0.75:\n"
                 "            raise OrFailure('EIO', 'mutant', gaddr, size, key)\n",
             ),
