@@ -36,7 +36,7 @@ __all__ = ["main"]
 class _JsonFormatter(logging.Formatter):
     """One JSON object per line, with the structured fields of failures."""
 
-    FIELDS = ("adapter", "device", "vector", "gaddr", "key", "code")
+    FIELDS = ("adapter", "device", "vector", "where", "gaddr", "size", "key", "code")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -130,7 +130,8 @@ def format_status(adapters: Any, stats: Any) -> str:
     lines.append("")
     for name in ("notifications", "applied", "merged", "cmpxchg", "no-xchg", "eagain",
                  "interrupts-injected", "interrupts-suppressed", "interrupts-coalesced",
-                 "pending", "eventfd-signals"):  # fmt: skip
+                 "interrupts-failed", "undone", "stranded", "pending", "eventfd-signals",
+                 "kernel-generation"):  # fmt: skip
         lines.append(f"{name:>24}: {stats.get(name)}")
     for name in ("latency-p50", "latency-p99"):  # bucket upper bounds, accepted -> applied
         value = stats.get(name)

@@ -410,6 +410,7 @@ class Engine:
             "vector": error.vector,
             "where": error.where,
             "gaddr": error.gaddr,
+            "size": error.size,
             "key": error.key,
             "code": error.code,
         }

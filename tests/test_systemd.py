@@ -80,6 +80,7 @@ def test_ready_watchdog_stopping_and_json_failure_logs(tmp_path: Path) -> None:
     assert failure["device"] == "locked" and failure["vector"] == 1 and failure["key"] == 5
     # the summary (same page, same key) is checked before the dsci is written
     assert failure["adapter"] == "virtio-ccw/4" and failure["gaddr"] == 0x20000
+    assert failure["where"] == "summary" and failure["size"] == 1
 
 
 class Hooks:
