@@ -9,7 +9,7 @@ same memory work in every configuration, so only the model's size differs),
 each the best of interleaved rounds.
 
 Contention: bursts while a SimulatedGuest thread clears the same indicators;
-retries (no-exchange rounds) per notification.
+retries (no-exchange rounds) per notification; the median of three runs.
 
     .venv/bin/python benchmarks/bench_scale.py [--seconds 1.0] [--json FILE]
 """
@@ -160,7 +160,12 @@ def main() -> None:
         print(f"{row['adapters']:>8} {row['devices']:>7} {row['startup_s'] * 1e3:>11.1f} "
               f"{row['rss_kib']:>8} {row['single_us']:>9.1f} {row['single_ratio']:>5.2f} "
               f"{row['burst_us']:>8.3f} {row['burst_ratio']:>5.2f}")  # fmt: skip
-    contention = asyncio.run(_contention(args.seconds))
+    # The guest thread and the engine share the GIL: one run swings by 2-3x,
+    # so three runs and the median one counts.
+    runs = sorted(
+        (asyncio.run(_contention(args.seconds)) for _ in range(3)), key=lambda r: r["per_second"]
+    )
+    contention = runs[1]
     print(f"contention (guest clearing): {contention['per_second']:,.0f} notify/s, "
           f"{contention['no_xchg_per_notify']:.4f} retries and "
           f"{contention['cmpxchg_per_notify']:.4f} cmpxchg per notification")  # fmt: skip

@@ -14,10 +14,11 @@ Runs, each in its own interpreter:
 
 Every comparison is made within one run, in interleaved rounds, and the
 medians over the rounds are quoted.  Scale and contention are compared
-with the figures recorded before issue 13
-(``results/recorded-2026-11-29.json``).  Writes ``results/*.json``,
-``results/machine.txt`` and ``results/bench.png`` and prints the summary
-with each target's verdict.  A benchmark reports; it never fails.
+with this harness's figures from before issue 13's changes
+(``results/before-issue13.json``, recorded 2026-12-01 on the same machine);
+the older ``results/recorded-2026-11-29.json`` is printed for the record.
+Writes ``results/*.json``, ``results/machine.txt`` and ``results/bench.png``
+and prints the summary with each target's verdict.  A benchmark reports; it never fails.
 
     make bench            # or: .venv/bin/python benchmarks/run_all.py [--quick]
 """
@@ -37,6 +38,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+#: make bench before issue 13's changes, same harness, same machine, same day.
+BEFORE = RESULTS / "before-issue13.json"
+#: The figures committed on 2026-11-29 (older harness, a busier machine).
 RECORDED = RESULTS / "recorded-2026-11-29.json"
 #: Run-to-run noise on this shared machine: "no worse" allows this much.
 NOISE = 0.10
@@ -117,13 +121,13 @@ class Ratio:
 
 def _show(value: float, unit: str) -> str:
     if unit == "us":
-        return f"{value:,.1f} us"
+        return f"{value:,.1f} us" if value >= 1 else f"{value:.3f} us"
     if unit == "/s":
         return f"{value / 1e6:,.3f} M/s" if value >= 1e5 else f"{value:,.0f} /s"
     return f"{value:.4f}"
 
 
-def ratios(results: dict[str, Any], recorded: dict[str, Any]) -> list[Ratio]:
+def ratios(results: dict[str, Any], before: dict[str, Any]) -> list[Ratio]:
     """Every target of issue 13 as a :class:`Ratio`, in the order of the issue."""
     lat = results["latency"]
     daemon, floor = lat["eventfd"]["daemon"], lat["eventfd"]["floor"]
@@ -146,13 +150,13 @@ def ratios(results: dict[str, Any], recorded: dict[str, Any]) -> list[Ratio]:
         Ratio("bursts of 1,000: cmpxchg per notification", burst["cmpxchg_per_notify"], 1.0,
               "", 0.01, kind="-"),
     ]  # fmt: skip
-    then, now = recorded["contention"], results["scale"]["contention"]
+    then, now = before["scale"]["contention"], results["scale"]["contention"]
     out.append(Ratio("contention: notifications/s", now["per_second"], then["per_second"],
-                     "/s", 1 - NOISE, higher_is_better=True, kind="recorded"))  # fmt: skip
-    for old, new in zip(recorded["scale"], results["scale"]["scale"], strict=True):
+                     "/s", 1 - NOISE, higher_is_better=True, kind="before"))  # fmt: skip
+    for old, new in zip(before["scale"]["scale"], results["scale"]["scale"], strict=True):
         for key, label in (("single_us", "single notify"), ("burst_us", "burst, per notify")):
             out.append(Ratio(f"scale {new['adapters']:>4} adapters: {label}", new[key], old[key],
-                             "us", 1 + NOISE, kind="recorded"))  # fmt: skip
+                             "us", 1 + NOISE, kind="before"))  # fmt: skip
     return out
 
 
@@ -175,6 +179,36 @@ def summary(results: dict[str, Any], table: list[Ratio]) -> list[str]:
                  f"{size8 / bare:.1f}x")  # fmt: skip
     contention = results["scale"]["contention"]
     lines.append(f"contention: {contention['no_xchg_per_notify']:.4f} retries/notify")
+    return lines
+
+
+def compared(
+    results: dict[str, Any], before: dict[str, Any], recorded: dict[str, Any]
+) -> list[str]:
+    """Each path now against the same path before issue 13 (and on 2026-11-29)."""
+    lines = [
+        "",
+        f"{'now against before issue 13':46} {'now':>12} {'before':>12} {'2026-11-29':>12}",
+    ]
+
+    def add(name: str, now: float, then: float, old: float | None, unit: str) -> None:
+        shown = "-" if old is None else _show(old, unit)
+        lines.append(f"{name:46} {_show(now, unit):>12} {_show(then, unit):>12} {shown:>12}")
+
+    for group, side in (("eventfd", "daemon"), ("socket", "notify 1 vector")):
+        for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+            add(f"{group} {side}, {label}", results["latency"][group][side][key],
+                before["latency"][group][side][key], None, "us")  # fmt: skip
+    for key, label in (("p50_us", "p50"), ("p99_us", "p99")):
+        add(f"idle Engine.notify, {label}", results["engine"]["idle_notify"]["engine"][key],
+            before["engine"]["idle_notify"]["engine"][key], None, "us")  # fmt: skip
+    now_c, then_c = results["scale"]["contention"], before["scale"]["contention"]
+    add("contention, notify/s", now_c["per_second"], then_c["per_second"],
+        recorded["contention"]["per_second"], "/s")  # fmt: skip
+    for new, then, old in zip(results["scale"]["scale"], before["scale"]["scale"],
+                              recorded["scale"], strict=True):  # fmt: skip
+        add(f"scale {new['adapters']:>4} adapters, single notify", new["single_us"],
+            then["single_us"], old["single_us"], "us")  # fmt: skip
     return lines
 
 
@@ -253,8 +287,8 @@ def main() -> None:
         ),
         "daemon": run("bench_daemon.py", "--seconds", "0.3" if quick else "1.0"),
     }
-    recorded = json.loads(RECORDED.read_text())
-    table = ratios(results, recorded)
+    before = json.loads(BEFORE.read_text())
+    table = ratios(results, before)
     results["ratios"] = [row.as_dict() for row in table]
     (RESULTS / "machine.txt").write_text(machine() + "\n")
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -262,6 +296,7 @@ def main() -> None:
     print("\n== summary (benchmarks/results/)")
     print(machine())
     print("\n".join(summary(results, table)))
+    print("\n".join(compared(results, before, json.loads(RECORDED.read_text()))))
 
 
 if __name__ == "__main__":
