@@ -1,19 +1,20 @@
-"""What keeps the notify latency's tail short: a frozen start-up, no work for absent listeners."""
+"""What keeps notify latency short: a frozen start-up, no work for absent listeners, one send."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import TIMEOUT, daemon_config, qmp_client, wait_until
+from daemon_helpers import TIMEOUT, RawClient, daemon_config, qmp_client, wait_until
 
 from indicators.config import parse_config
 from indicators.daemon import qmp_server
-from indicators.daemon.qmp_server import QmpServer
+from indicators.daemon.qmp_server import QmpServer, QmpSession
 from indicators.daemon.service import Service
 
 
@@ -67,3 +68,62 @@ async def test_an_event_nobody_can_receive_is_not_encoded(
             await client.execute("query-version")
             assert server.broadcast_event("ADAPTER_INTERRUPT", {"adapter": 3, "isc": 3}) == 1
             assert len(encoded) == 1
+
+
+class _CountingSocket:
+    """A session's real socket, counting the sends (a probe around it, not a fake)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sends: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        sent = self._sock.send(data)
+        self.sends.append(bytes(data[:sent]))
+        return sent
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+async def test_an_event_and_the_reply_of_the_command_that_raised_it_leave_in_one_send(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.sock")
+    server = QmpServer(path, version=(9, 2, 0), package="test")
+
+    async def ring(args: None, session: QmpSession) -> object:
+        server.broadcast_event("ADAPTER_INTERRUPT", {"adapter": 3, "isc": 3})
+        return {"rang": 1}
+
+    server.register("ring", ring)
+    async with server:
+        client = await RawClient.connect(path)
+        try:
+            (session,) = server._sessions
+            probe = _CountingSocket(session._sock)
+            session._sock = probe  # type: ignore[assignment]
+            client.send(b'{"execute": "ring"}\n')
+            event = await asyncio.wait_for(client.recv(), TIMEOUT)
+            reply = await asyncio.wait_for(client.recv(), TIMEOUT)
+        finally:
+            await client.close()
+    assert event["event"] == "ADAPTER_INTERRUPT"
+    assert reply == {"return": {"rang": 1}}
+    assert len(probe.sends) == 1, f"{len(probe.sends)} sends: {probe.sends}"
+
+
+async def test_an_event_outside_any_command_still_goes_out_in_the_same_loop_pass(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.sock")
+    server = QmpServer(path, version=(9, 2, 0), package="test")
+    async with server:
+        client = await RawClient.connect(path)
+        try:
+            await wait_until(lambda: len(server._sessions) == 1)
+            assert server.broadcast_event("ADAPTER_INTERRUPT", {"adapter": 3, "isc": 3}) == 1
+            event = await asyncio.wait_for(client.recv(), TIMEOUT)
+        finally:
+            await client.close()
+    assert event["event"] == "ADAPTER_INTERRUPT"
