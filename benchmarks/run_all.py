@@ -13,10 +13,11 @@ Runs, each in its own interpreter:
 - bench_daemon: the same daemon through qemu.qmp clients, with throughput.
 
 Every comparison is made within one run, in interleaved rounds, and the
-medians over the rounds are quoted.  Scale and contention are compared
-with this harness's figures from before issue 13's changes
-(``results/before-issue13.json``, recorded 2026-12-01 on the same machine);
-the older ``results/recorded-2026-11-29.json`` is printed for the record.
+medians over the rounds are quoted.  Scale and contention are measured
+now and with the package as it was before issue 13 (``reference.py``),
+alternately in the same run; ``results/before-issue13.json`` (every path,
+this harness, 2026-12-01 before the changes) and the older
+``results/recorded-2026-11-29.json`` are printed for the record.
 Writes ``results/*.json``, ``results/machine.txt`` and ``results/bench.png``
 and prints the summary with each target's verdict.  A benchmark reports; it never fails.
 
@@ -35,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from reference import scale_now_and_before
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -127,7 +130,7 @@ def _show(value: float, unit: str) -> str:
     return f"{value:.4f}"
 
 
-def ratios(results: dict[str, Any], before: dict[str, Any]) -> list[Ratio]:
+def ratios(results: dict[str, Any]) -> list[Ratio]:
     """Every target of issue 13 as a :class:`Ratio`, in the order of the issue."""
     lat = results["latency"]
     daemon, floor = lat["eventfd"]["daemon"], lat["eventfd"]["floor"]
@@ -150,10 +153,11 @@ def ratios(results: dict[str, Any], before: dict[str, Any]) -> list[Ratio]:
         Ratio("bursts of 1,000: cmpxchg per notification", burst["cmpxchg_per_notify"], 1.0,
               "", 0.01, kind="-"),
     ]  # fmt: skip
-    then, now = before["scale"]["contention"], results["scale"]["contention"]
+    before = results["scale_before"]
+    then, now = before["contention"], results["scale"]["contention"]
     out.append(Ratio("contention: notifications/s", now["per_second"], then["per_second"],
                      "/s", 1 - NOISE, higher_is_better=True, kind="before"))  # fmt: skip
-    for old, new in zip(before["scale"]["scale"], results["scale"]["scale"], strict=True):
+    for old, new in zip(before["scale"], results["scale"]["scale"], strict=True):
         for key, label in (("single_us", "single notify"), ("burst_us", "burst, per notify")):
             out.append(Ratio(f"scale {new['adapters']:>4} adapters: {label}", new[key], old[key],
                              "us", 1 + NOISE, kind="before"))  # fmt: skip
@@ -185,30 +189,33 @@ def summary(results: dict[str, Any], table: list[Ratio]) -> list[str]:
 def compared(
     results: dict[str, Any], before: dict[str, Any], recorded: dict[str, Any]
 ) -> list[str]:
-    """Each path now against the same path before issue 13 (and on 2026-11-29)."""
+    """Each path now against before issue 13: in this run, on 2026-12-01, on 2026-11-29."""
     lines = [
         "",
-        f"{'now against before issue 13':46} {'now':>12} {'before':>12} {'2026-11-29':>12}",
+        f"{'now against before issue 13':40} {'now':>12} {'this run':>12} "
+        f"{'12-01 00:45':>12} {'11-29':>12}",
     ]
 
-    def add(name: str, now: float, then: float, old: float | None, unit: str) -> None:
-        shown = "-" if old is None else _show(old, unit)
-        lines.append(f"{name:46} {_show(now, unit):>12} {_show(then, unit):>12} {shown:>12}")
+    def add(name: str, unit: str, now: float, *then: float | None) -> None:
+        shown = " ".join(f"{'-' if v is None else _show(v, unit):>12}" for v in then)
+        lines.append(f"{name:40} {_show(now, unit):>12} {shown}")
 
     for group, side in (("eventfd", "daemon"), ("socket", "notify 1 vector")):
         for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
-            add(f"{group} {side}, {label}", results["latency"][group][side][key],
-                before["latency"][group][side][key], None, "us")  # fmt: skip
+            add(f"{group} {side}, {label}", "us", results["latency"][group][side][key],
+                None, before["latency"][group][side][key], None)  # fmt: skip
     for key, label in (("p50_us", "p50"), ("p99_us", "p99")):
-        add(f"idle Engine.notify, {label}", results["engine"]["idle_notify"]["engine"][key],
-            before["engine"]["idle_notify"]["engine"][key], None, "us")  # fmt: skip
-    now_c, then_c = results["scale"]["contention"], before["scale"]["contention"]
-    add("contention, notify/s", now_c["per_second"], then_c["per_second"],
-        recorded["contention"]["per_second"], "/s")  # fmt: skip
-    for new, then, old in zip(results["scale"]["scale"], before["scale"]["scale"],
-                              recorded["scale"], strict=True):  # fmt: skip
-        add(f"scale {new['adapters']:>4} adapters, single notify", new["single_us"],
-            then["single_us"], old["single_us"], "us")  # fmt: skip
+        add(f"idle Engine.notify, {label}", "us", results["engine"]["idle_notify"]["engine"][key],
+            None, before["engine"]["idle_notify"]["engine"][key], None)  # fmt: skip
+    now, same = results["scale"], results["scale_before"]
+    add("contention, notify/s", "/s", now["contention"]["per_second"],
+        same["contention"]["per_second"], before["scale"]["contention"]["per_second"],
+        recorded["contention"]["per_second"])  # fmt: skip
+    rows = zip(now["scale"], same["scale"], before["scale"]["scale"], recorded["scale"],
+               strict=True)  # fmt: skip
+    for new, this_run, earlier, oldest in rows:
+        add(f"scale {new['adapters']:>4} adapters, single notify", "us", new["single_us"],
+            this_run["single_us"], earlier["single_us"], oldest["single_us"])  # fmt: skip
     return lines
 
 
@@ -277,7 +284,6 @@ def main() -> None:
     results = {
         "memop": run("bench_memop.py", "--repeat", "5" if quick else "20"),
         "engine": run("bench_engine.py", "--repeat", "3" if quick else "9"),
-        "scale": run("bench_scale.py", "--seconds", "0.3" if quick else "1.0"),
         "latency": run(
             "bench_latency.py",
             "--rounds",
@@ -288,7 +294,15 @@ def main() -> None:
         "daemon": run("bench_daemon.py", "--seconds", "0.3" if quick else "1.0"),
     }
     before = json.loads(BEFORE.read_text())
-    table = ratios(results, before)
+    seconds = "0.3" if quick else "0.5"
+    both = scale_now_and_before(seconds, 1 if quick else 2, RESULTS / "bench_scale.json")
+    if both is None:  # no git history (an sdist): the figures recorded before issue 13
+        results["scale"] = run("bench_scale.py", "--seconds", seconds)
+        results["scale_before"] = {**before["scale"], "reference": "before-issue13.json"}
+    else:
+        results["scale"], results["scale_before"] = both["now"], both["before"]
+        results["scale_before"]["reference"] = both["reference"]
+    table = ratios(results)
     results["ratios"] = [row.as_dict() for row in table]
     (RESULTS / "machine.txt").write_text(machine() + "\n")
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")

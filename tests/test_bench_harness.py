@@ -71,3 +71,29 @@ def test_a_ratio_is_judged_the_right_way_round(
     ratio = Ratio("path", measured, against, "us", target, higher_is_better=higher)
     assert ratio.met is met
     assert ("met" if met else "MISSED") in ratio.line()
+
+
+def test_reference_runs_combine_to_the_best_scale_and_the_median_contention() -> None:
+    from reference import combine
+
+    def run(single: float, burst: float, rate: float) -> dict[str, Any]:
+        row = {"adapters": 1, "startup_s": 0.1, "rss_kib": 100, "single_us": single,
+               "burst_us": burst}  # fmt: skip
+        return {"scale": [row], "contention": {"per_second": rate, "no_xchg_per_notify": 0.05}}
+
+    both = combine([run(14.0, 0.09, 100.0), run(13.0, 0.10, 300.0), run(15.0, 0.08, 200.0)])
+    assert both["scale"][0]["single_us"] == 13.0
+    assert both["scale"][0]["burst_us"] == 0.08
+    assert both["contention"]["per_second"] == 200.0
+
+
+def test_the_reference_is_an_ancestor_of_this_tree() -> None:
+    from reference import REFERENCE, ROOT
+
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "merge-base", "--is-ancestor", REFERENCE, "HEAD"],
+        capture_output=True,
+    )
+    if found.returncode == 128:
+        pytest.skip("no git history here (not a checkout)")
+    assert found.returncode == 0, f"{REFERENCE} is not an ancestor of HEAD"
