@@ -6,13 +6,21 @@ import asyncio
 import gc
 import os
 import socket
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import TIMEOUT, RawClient, daemon_config, qmp_client, wait_until
+from daemon_helpers import (
+    TIMEOUT,
+    RawClient,
+    daemon_config,
+    qmp_client,
+    wait_until,
+    write_config,
+)
 
-from indicators.config import parse_config
+from indicators.config import load_config
 from indicators.daemon import qmp_server
 from indicators.daemon.qmp_server import QmpServer, QmpSession
 from indicators.daemon.service import Service
@@ -26,26 +34,56 @@ def unfrozen() -> Iterator[None]:
     gc.unfreeze()
 
 
-async def test_a_running_daemon_keeps_its_start_up_objects_out_of_collections(
+def _frozen(thing: object) -> bool:
+    """Whether ``thing`` sits in the permanent generation (no collection walks it)."""
+    assert gc.is_tracked(thing)
+    return not any(
+        candidate is thing for generation in (0, 1, 2) for candidate in gc.get_objects(generation)
+    )
+
+
+async def test_a_running_daemon_keeps_its_long_lived_objects_out_of_collections(
     tmp_path: Path, unfrozen: None
 ) -> None:
-    service = Service(parse_config(daemon_config(tmp_path / "control.sock"), "<test>"))
+    path = write_config(tmp_path / "daemon.toml", daemon_config(tmp_path / "control.sock"))
+    service = Service(load_config(str(path)), config_path=str(path))
     running = asyncio.create_task(service.run())
     try:
         await wait_until(lambda: os.path.exists(service.socket_path))
         await wait_until(lambda: gc.get_freeze_count() > 0)
-        # The engine and its model were made at start-up: frozen, a full
-        # collection does not walk them.
-        frozen = gc.get_freeze_count()
-        assert frozen > 1000, f"only {frozen} objects frozen"
+        # Made at start-up: frozen, a full collection does not walk them.
+        assert _frozen(service.model) and _frozen(service.engine)
+        # A reference cycle through the engine (as a task or a bound method
+        # makes one) is only ever freed by a collection.
+        service.engine.cycle = [service.engine]  # type: ignore[attr-defined]
+        old = weakref.ref(service.engine)
+        assert service.reload() == "reloaded"
+        # What the reload made is frozen too, and what it replaced is freed.
+        assert _frozen(service.model) and _frozen(service.engine)
+        gc.collect()
+        assert old() is None, "the replaced engine stayed pinned"
         async with qmp_client(service.socket_path) as client:
-            assert await client.execute("notify", {"device": "net0", "vector": 0}) == {"applied": 1}
+            notified = await client.execute("notify", {"device": "net0", "vector": 0})
+            assert notified == {"applied": 1}
             assert await client.execute("quit") == {}
         await asyncio.wait_for(running, TIMEOUT)
     finally:
         if not running.done():
             service.request_stop("test over")
             await asyncio.wait_for(running, TIMEOUT)
+
+
+async def test_a_service_started_in_process_freezes_nothing(tmp_path: Path, unfrozen: None) -> None:
+    # Tests and embedders start a Service in their own process: their objects
+    # are not the daemon's to pin.
+    path = write_config(tmp_path / "daemon.toml", daemon_config(tmp_path / "control.sock"))
+    service = Service(load_config(str(path)), config_path=str(path))
+    await service.start()
+    try:
+        assert service.reload() == "reloaded"
+        assert gc.get_freeze_count() == 0
+    finally:
+        await service.stop()
 
 
 async def test_an_event_nobody_can_receive_is_not_encoded(

@@ -69,6 +69,7 @@ class Service:
         self._skeys_task: asyncio.Task[None] | None = None
         self._ram_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of ram="auto"
         self._metrics: Any = None
+        self._frozen = False  # start-up objects kept out of garbage collection (run only)
         #: The metrics endpoint's port (useful with port 0), once started.
         self.metrics_port: int | None = None
 
@@ -184,10 +185,8 @@ class Service:
         """Start, serve until SIGTERM/SIGINT/quit, then stop gracefully."""
         loop = asyncio.get_running_loop()
         await self.start()
-        # What start-up made lives as long as the daemon: frozen, the collector's
-        # full passes skip it instead of stalling a notification for milliseconds.
-        gc.collect()
-        gc.freeze()
+        self._frozen = True
+        _refreeze()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -232,6 +231,9 @@ class Service:
             engine.set_unavailable(old.unavailable)
         self.engine = self.eventfds.engine = engine
         self.config, self.model = new, model
+        if self._frozen:
+            del old  # not held here while the collector looks for what it pinned
+            _refreeze()
         log.info("config reloaded: %d devices", len(model.devices))
         return "reloaded"
 
@@ -426,3 +428,16 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 def _version_tuple() -> tuple[int, int, int]:
     major, minor, micro = (int(part) for part in __version__.split(".")[:3])
     return major, minor, micro
+
+
+def _refreeze() -> None:
+    """Keep what lives now out of the collector's passes.
+
+    The model, engine and server live as long as the daemon: frozen, a full
+    collection skips them instead of stalling notifications for milliseconds
+    (about 8 ms for the demo config here).  What a reload replaced goes back
+    to the collector first, so nothing it held stays pinned.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
