@@ -174,6 +174,12 @@ def summary(results: dict[str, Any], table: list[Ratio]) -> list[str]:
                         ("socket", "query-version"), ("socket", "notify 1 vector")):  # fmt: skip
         row = lat[group][name]
         lines.append(f"{group} {name:16}: {_quantiles(row)} ({row['samples']} samples)")
+    own = {
+        q: _show(v, "us") if isinstance(v, float) else str(v)
+        for q, v in lat["eventfd"]["daemon"].get("own_view_us", {}).items()
+    }
+    lines.append(f"the daemon's own histogram after the eventfd rounds (query-stats, accepted "
+                 f"-> applied): p50 {own.get('p50')}, p99 {own.get('p99')}")  # fmt: skip
     for side, row in results["engine"]["idle_notify"].items():
         lines.append(f"idle notify {side:11}: {_quantiles(row)}")
     memop = {row["loop"]: row for row in results["memop"]["rows"]}
