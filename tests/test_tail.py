@@ -165,3 +165,38 @@ async def test_an_event_outside_any_command_still_goes_out_in_the_same_loop_pass
         finally:
             await client.close()
     assert event["event"] == "ADAPTER_INTERRUPT"
+
+
+class _ManyKeys:
+    """A VMM link whose guest has ``pages`` pages of storage keys (a fake of dump-skeys)."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+
+    async def storage_keys(self) -> dict[int, int]:
+        return dict.fromkeys(range(self.pages), 0x10)
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_big_storage_key_refresh_lets_the_loop_run_between_chunks(
+    tmp_path: Path,
+) -> None:
+    raw = daemon_config(tmp_path / "control.sock")
+    raw["backend"]["memory_size"] = 64 << 20  # 16,384 pages
+    service = Service(load_config(str(write_config(tmp_path / "d.toml", raw))))
+    await service.start()
+    try:
+        service.vmm = _ManyKeys(16384)  # type: ignore[assignment]
+        backend = service.wiring.backend  # type: ignore[union-attr]
+        last = 16383 << 12
+        seen: list[int] = []
+        # Other work of the loop (a notification, a reply) waits for the
+        # refresh only until its first chunk is done, not for all of it.
+        asyncio.get_running_loop().call_soon(lambda: seen.append(backend.get_storage_key(last)))
+        assert await service.refresh_storage_keys() == 16384
+        assert seen == [0], "the loop ran only after every key was set"
+        assert backend.get_storage_key(last) == 0x10
+    finally:
+        await service.stop()
