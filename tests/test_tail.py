@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import socket
+import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +201,19 @@ async def test_a_big_storage_key_refresh_lets_the_loop_run_between_chunks(
         assert backend.get_storage_key(last) == 0x10
     finally:
         await service.stop()
+
+
+async def test_with_metrics_the_loop_takes_the_gil_back_from_a_scrape_sooner(
+    tmp_path: Path, unfrozen: None
+) -> None:
+    raw = daemon_config(tmp_path / "control.sock", metrics={"port": 0})
+    service = Service(load_config(str(write_config(tmp_path / "d.toml", raw))))
+    default = sys.getswitchinterval()
+    running = asyncio.create_task(service.run())
+    try:
+        await wait_until(lambda: service.metrics_port is not None and gc.get_freeze_count() > 0)
+        assert sys.getswitchinterval() <= 0.0005 < default
+    finally:
+        service.request_stop("test over")
+        await asyncio.wait_for(running, TIMEOUT)
+    assert sys.getswitchinterval() == default

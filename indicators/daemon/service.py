@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import grp
 import logging
 import os
@@ -39,6 +38,7 @@ from .commands import describe_device, register_commands
 from .eventfds import EventfdSources
 from .privileges import drop_to
 from .qmp_server import PeerCredentials, QmpServer
+from .runtime import freeze_long_lived, gil_handback
 from .sdnotify import Notifier
 from .vmm import VmmLink
 from .wiring import Wiring, open_backend
@@ -186,12 +186,13 @@ class Service:
         loop = asyncio.get_running_loop()
         await self.start()
         self._frozen = True
-        _refreeze()
+        freeze_long_lived()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            await self._stop.wait()
+            with gil_handback(self.config.metrics is not None):
+                await self._stop.wait()
             log.info("stopping (%s)", self._stop_reason)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -233,7 +234,7 @@ class Service:
         self.config, self.model = new, model
         if self._frozen:
             del old  # not held here while the collector looks for what it pinned
-            _refreeze()
+            freeze_long_lived()
         log.info("config reloaded: %d devices", len(model.devices))
         return "reloaded"
 
@@ -434,16 +435,3 @@ def _version_tuple() -> tuple[int, int, int]:
 
 #: Storage keys applied per loop pass: about 1 ms of work between notifications.
 _SKEYS_PER_PASS = 2048
-
-
-def _refreeze() -> None:
-    """Keep what lives now out of the collector's passes.
-
-    The model, engine and server live as long as the daemon: frozen, a full
-    collection skips them instead of stalling notifications for milliseconds
-    (about 8 ms for the demo config here).  What a reload replaced goes back
-    to the collector first, so nothing it held stays pinned.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
