@@ -18,8 +18,9 @@ now and with the package as it was before issue 13 (``reference.py``),
 alternately in the same run; ``results/before-issue13.json`` (every path,
 this harness, 2026-12-01 before the changes) and the older
 ``results/recorded-2026-11-29.json`` are printed for the record.
-Writes ``results/*.json``, ``results/machine.txt`` and ``results/bench.png``
-and prints the summary with each target's verdict.  A benchmark reports; it never fails.
+Writes ``results/*.json``, ``results/machine.txt``, ``results/summary.md``
+(the verdict table as Markdown) and ``results/bench.png`` and prints the
+summary with each target's verdict.  A benchmark reports; it never fails.
 
     make bench            # or: .venv/bin/python benchmarks/run_all.py [--quick]
 """
@@ -104,14 +105,21 @@ class Ratio:
             return self.ratio >= self.target
         return self.ratio <= self.target
 
+    def texts(self) -> tuple[str, str, str]:
+        """Measured, against and ratio as shown (an absolute figure has no ratio)."""
+        if self.kind == "-":
+            return _show(self.measured, self.unit), "-", _show(self.measured, self.unit)
+        measured, against = _show(self.measured, self.unit), _show(self.against, self.unit)
+        return measured, against, f"{self.ratio:.2f}x"
+
     def line(self) -> str:
         """The printed row."""
         sign = ">=" if self.higher_is_better else "<="
         verdict = "met" if self.met else "MISSED"
-        measured, against = _show(self.measured, self.unit), _show(self.against, self.unit)
+        measured, against, ratio = self.texts()
         return (
             f"{self.path:46} {measured:>12} {against:>12} {self.kind:>8} "
-            f"{self.ratio:7.2f}x {sign} {self.target:<5g} {verdict}"
+            f"{ratio:>8} {sign} {self.target:<5g} {verdict}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def _show(value: float, unit: str) -> str:
     if unit == "us":
         return f"{value:,.1f} us" if value >= 1 else f"{value:.3f} us"
     if unit == "/s":
-        return f"{value / 1e6:,.3f} M/s" if value >= 1e5 else f"{value:,.0f} /s"
+        return f"{value / 1e6:,.3f} M/s"
     return f"{value:.4f}"
 
 
@@ -225,6 +233,27 @@ def compared(
     return lines
 
 
+def markdown(results: dict[str, Any], table: list[Ratio]) -> str:
+    """The verdict table and the latency figures as Markdown (for the README)."""
+    lines = ["| path | measured | against | ratio | target | |", "|---|---|---|---|---|---|"]
+    for row in table:
+        sign = ">=" if row.higher_is_better else "<="
+        measured, against, ratio = row.texts()
+        against = against if row.kind == "-" else f"{against} ({row.kind})"
+        lines.append(f"| {row.path} | {measured} | {against} | {ratio} | {sign} {row.target:g} | "
+                     f"{'met' if row.met else '**missed**'} |")  # fmt: skip
+    lines += ["", "| latency | p50 | p99 | p99.9 |", "|---|---|---|---|"]
+    lat = results["latency"]
+    named = [(f"eventfd -> bit, {side}", lat["eventfd"][side]) for side in ("daemon", "floor")]
+    named += [(f"raw socket, {name}", row) for name, row in lat["socket"].items()]
+    named += [(f"idle Engine.notify, {side}", row)
+              for side, row in results["engine"]["idle_notify"].items()]  # fmt: skip
+    for name, row in named:
+        lines.append(f"| {name} | {row['p50_us']:,.1f} us | {row['p99_us']:,.1f} us | "
+                     f"{row['p999_us']:,.1f} us |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _quantiles(row: dict[str, Any]) -> str:
     return (
         f"p50 {row['p50_us']:7.1f} us, p99 {row['p99_us']:7.1f} us, p99.9 {row['p999_us']:7.1f} us"
@@ -312,6 +341,7 @@ def main() -> None:
     results["ratios"] = [row.as_dict() for row in table]
     (RESULTS / "machine.txt").write_text(machine() + "\n")
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "summary.md").write_text(markdown(results, table))
     plot(results, table, RESULTS / "bench.png")
     print("\n== summary (benchmarks/results/)")
     print(machine())
