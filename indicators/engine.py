@@ -21,7 +21,18 @@ its bit is in guest memory, or raises :class:`NotifyError`.
 Each OR is a retry loop: a compare failure (``R_NO_XCHG``) retries from the
 value the backend found and stops without writing when the bits are already
 set; ``-EAGAIN`` backs off exponentially with jitter; anything else fails the
-notifications involved.
+notifications involved.  A failed notification leaves guest memory as it
+found it (the summary's store is checked before any dsci bit is written,
+and the bits are taken back if the summary still fails): see
+:mod:`indicators.batch`, which holds the one code that decides what a batch
+writes.
+
+When the engine is idle (nothing pending, no flush running, not held,
+available), a notification is applied in the caller's own callback: the
+batch code runs with a batch of one and no task is made
+(:meth:`Engine.notify_nowait`).  Notifications that arrive while a batch is
+being applied queue and are coalesced into the next one; a batch that has to
+wait (the ``-EAGAIN`` back-off) is carried on by a flush task.
 """
 
 from __future__ import annotations
@@ -30,15 +41,17 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
 from .adapters import Adapter, AdapterModel, Device
-from .bitor import BitSetter, OrFailure, errno_name, window_image
+from .batch import BatchWriter
+from .bitor import BitSetter
 from .config import RetryPolicy
 from .memop import MemopBackend
+from .notification import NotifyError, Target, Ticket
 from .sinks import InterruptSink
 from .stats import EngineStats
 
@@ -47,37 +60,9 @@ __all__ = ["Engine", "EngineEvent", "NotifyError"]
 
 log = logging.getLogger(__name__)
 
-
-class NotifyError(Exception):
-    """A notification that could not be applied.
-
-    ``code`` is the program interruption code (4, 5), the errno name
-    (``"EINVAL"``, ``"EAGAIN"``) or ``"NO_XCHG_LIMIT"``; ``cause`` the
-    backend's error when there was one.
-    """
-
-    def __init__(
-        self,
-        device: str,
-        vector: int,
-        code: str,
-        desc: str,
-        *,
-        gaddr: int | None = None,
-        size: int | None = None,
-        key: int | None = None,
-        cause: BaseException | None = None,
-    ) -> None:
-        self.device = device
-        self.vector = vector
-        self.code = code
-        self.desc = desc
-        self.gaddr = gaddr
-        self.size = size
-        self.key = key
-        self.cause = cause
-        where = "" if gaddr is None else f" at gaddr {gaddr:#x} size {size} key {key}"
-        super().__init__(f"device {device!r} vector {vector}: {desc}{where}")
+#: Eager batches one task may run in a row before one of its notifications is
+#: queued (and the task yields to the event loop).
+EAGER_STREAK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,66 +74,39 @@ class EngineEvent:
     error: NotifyError | None = None
 
 
-def _notify_error(failure: OrFailure, device: Device, vector: int) -> NotifyError:
-    """The error of one notification whose OR failed."""
-    return NotifyError(
-        device.name,
-        vector,
-        failure.code,
-        failure.desc,
-        gaddr=failure.gaddr,
-        size=failure.size,
-        key=failure.key,
-        cause=failure.cause,
-    )
+#: What :meth:`Engine.notify_nowait` returns: the outcome, or a future of it.
+Outcome = list[NotifyError | None] | asyncio.Future[list[NotifyError | None]]
 
 
-class _Ticket:
-    """One caller's batch: every item is applied or failed within one flush."""
+class _Resumed:
+    """Awaitable that carries on a coroutine begun by hand and suspended on ``waiting``.
 
-    __slots__ = ("accepted", "entries", "errors", "future")
-
-    def __init__(
-        self,
-        future: asyncio.Future[list[NotifyError | None]],
-        entries: list[_Target],
-    ) -> None:
-        self.future = future
-        self.entries = entries
-        self.errors: list[NotifyError | None] = [None] * len(entries)
-        self.accepted = time.perf_counter()
-
-    def fail(self, index: int, error: NotifyError) -> None:
-        self.errors[index] = error
-
-    def resolve(self) -> None:
-        if not self.future.done():
-            self.future.set_result(self.errors)
-
-
-# A 16-byte window and the access key a cmpxchg on it runs under.
-_WindowKey = tuple[int, int | None]
-
-
-class _Target:
-    """One (device, vector), made once and shared by every notification of it.
-
-    Identity-hashed, so counting a burst's notifications per target is a
-    C-speed ``Counter.update``.
+    The eager path runs the batch coroutine with ``send`` in the caller's
+    callback; only when it has to wait (the ``-EAGAIN`` back-off) does the
+    rest become a task, which drives the same coroutine from where it stopped.
     """
 
-    __slots__ = ("byte", "device", "image", "vector", "wkey")
+    __slots__ = ("coro", "waiting")
 
-    def __init__(self, device: Device, vector: int) -> None:
-        bit = device.dsci[vector]
-        window, image = window_image(bit.gaddr, bit.mask)
-        self.device = device
-        self.vector = vector
-        self.byte = bit.gaddr
-        #: The 16-byte window of the dsci bit and the key the cmpxchg runs under.
-        self.wkey: _WindowKey = (window, device.key)
-        #: The bit placed in the window's 128-bit big-endian image.
-        self.image = image
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        coro, waiting = self.coro, self.waiting
+        while True:
+            try:
+                yield waiting
+            except BaseException as exc:  # cancellation reaches the coroutine
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            try:
+                waiting = coro.send(None)
+            except StopIteration as stop:
+                return stop.value
 
 
 class Engine:
@@ -168,23 +126,23 @@ class Engine:
         self.stats = stats or EngineStats()
         #: The cmpxchg retry loops (they count into ``stats``).
         self.setter = BitSetter(backend, self.policy, self.stats)
+        self.writer = BatchWriter(self.setter, self.stats, self._failed, self._interrupt)
         self.simm = 0  # per-ISC masks, 0x80 >> isc
         self.nimm = 0
-        self._pending: list[_Ticket] = []
+        self._pending: list[Ticket] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._eager = False  # a batch is being applied in a caller's callback
+        self._streak_task: asyncio.Task[Any] | None = None  # the task of the last eager batch
+        self._streak = 0  # its eager batches since the loop last turned for the engine
         self._running = asyncio.Event()
         self._running.set()
         self._listeners: list[Callable[[EngineEvent], None]] = []
         self._unavailable: str | None = None
         # Per device name, per vector: the shared target (a dict, so that a
         # negative or too large vector is a KeyError like an unknown name).
-        self._targets: dict[str, dict[int, _Target]] = {
-            device.name: {vector: _Target(device, vector) for vector in range(device.vectors)}
-            for device in model.devices.values()
+        self._targets: dict[str, dict[int, Target]] = {
+            device.name: Target.all_of(device) for device in model.devices.values()
         }
-        #: When not None, counts per (device, vector) the notifications that
-        #: found their bit clear and set it (the rest merged into a set bit).
-        self.set_counts: Counter[tuple[str, int]] | None = None
 
     # ------------------------------------------------------------- public API
 
@@ -197,9 +155,20 @@ class Engine:
     def backend(self, backend: MemopBackend) -> None:
         self.setter.backend = backend
 
+    @property
+    def set_counts(self) -> Counter[tuple[str, int]] | None:
+        """When not None, counts per (device, vector) the acknowledged notifications
+        that found their bit clear and set it (the rest merged into a set bit)."""
+        return self.writer.set_counts
+
+    @set_counts.setter
+    def set_counts(self, counts: Counter[tuple[str, int]] | None) -> None:
+        self.writer.set_counts = counts
+
     async def notify(self, device: str, vector: int) -> None:
         """Apply one notification; raise :class:`NotifyError` if it failed."""
-        (error,) = await self.notify_many(((device, vector),))
+        outcome = self.notify_nowait(((device, vector),))
+        (error,) = outcome if isinstance(outcome, list) else await outcome
         if error is not None:
             raise error
 
@@ -207,9 +176,27 @@ class Engine:
         """Apply a batch; returns one entry per item: None (applied) or its error.
 
         Every item is validated first: an unknown device or a vector out of
-        range raises ValueError and nothing is applied.
+        range raises ValueError and nothing is applied.  On an idle engine
+        the batch is applied before this coroutine first yields.
         """
-        items = items if isinstance(items, list | tuple) else list(items)
+        outcome = self.notify_nowait(items)
+        if isinstance(outcome, list):
+            return outcome
+        return await outcome  # a cancelled caller does not stop the flush
+
+    def notify_nowait(self, items: Iterable[tuple[str, int]]) -> Outcome:
+        """Apply a batch now if the engine is idle, else queue it.
+
+        Returns the per-item outcome (as :meth:`notify_many`) when the batch
+        was applied in this call - the engine was idle (nothing pending, no
+        flush running, not held, available) and nothing had to wait - or a
+        future of it.  A task that notifies in a tight loop is queued once
+        every :data:`EAGER_STREAK` batches, so that it cannot keep the event
+        loop from everything else.  For sources that live in callbacks (eventfds, the
+        control socket): an idle engine costs them no task and no loop pass.
+        Raises ValueError as :meth:`notify_many` does.
+        """
+        items = items if isinstance(items, (list, tuple)) else list(items)
         targets = self._targets
         try:
             entries = [targets[name][vector] for name, vector in items]
@@ -221,12 +208,27 @@ class Engine:
             return []
         if self._unavailable is not None:
             return [self._refusal(entry.device, entry.vector) for entry in entries]
-        ticket = _Ticket(asyncio.get_running_loop().create_future(), entries)
         self.stats.notifications += len(entries)
+        ticket = Ticket(entries)
+        if self._flusher is None and not self._eager and self._running.is_set():
+            # An await that never suspends lets one task keep the loop: after
+            # EAGER_STREAK eager batches in a row from the same task, its next
+            # one is queued, so that task yields once and the loop turns
+            # (eventfd callbacks are no task: the loop turns after each).
+            task = asyncio.current_task()
+            if task is None:
+                return self._apply_now(ticket)
+            if task is not self._streak_task:
+                self._streak_task, self._streak = task, 0
+            self._streak += 1
+            if self._streak <= EAGER_STREAK:
+                return self._apply_now(ticket)
+        # A flush is running (or held): queue, so a burst coalesces into its next batch.
+        future = ticket.future = asyncio.get_running_loop().create_future()
         self._pending.append(ticket)
-        if self._flusher is None:
+        if self._flusher is None and not self._eager:
             self._flusher = asyncio.create_task(self._flush())
-        return await ticket.future  # a cancelled caller does not stop the flush
+        return future
 
     def check_target(self, name: str, vector: int) -> None:
         """Raise ValueError naming the problem unless ``name``/``vector`` exists."""
@@ -251,7 +253,7 @@ class Engine:
         pending, self._pending = self._pending, []
         for ticket in pending:
             for index, entry in enumerate(ticket.entries):
-                ticket.fail(index, self._refusal(entry.device, entry.vector))
+                ticket.errors[index] = self._refusal(entry.device, entry.vector)
             ticket.resolve()
         self._running.set()
 
@@ -305,146 +307,114 @@ class Engine:
         else:
             self.simm |= mask
 
+    def reset_isc(self, isc: int) -> None:
+        """Clear ``isc``'s suppression state wherever it is kept: the engine's masks,
+        and the kernel's AIS state when the sink (the FLIC) applies suppression.
+
+        Raises OSError when the kernel refuses; the engine's masks are clear by then.
+        """
+        mask = isc_mask(isc)
+        self.simm &= ~mask
+        self.nimm &= ~mask
+        if self.sink.handles_suppression:
+            self.sink.reset_ais(isc)
+
     def reset_suppression(self) -> None:
         """Clear every ISC's simm and nimm, as a FLIC reset does."""
         self.simm = self.nimm = 0
 
     # ------------------------------------------------------------ the batches
 
-    async def _flush(self) -> None:
+    def _apply_now(self, ticket: Ticket) -> Outcome:
+        """The eager path: run the batch code for ``ticket`` in the caller's callback.
+
+        The batch coroutine is driven by hand; it finishes in the first
+        ``send`` unless it must wait (``-EAGAIN`` back-off), and then a flush
+        task carries it on, with everything that arrives meanwhile queued
+        behind it as for any running flush.
+        """
+        batch = [ticket]
+        coro = self.writer.apply(batch)
+        self._eager = True
         try:
+            waiting = coro.send(None)
+        except StopIteration:
+            # Settled; nobody waits on a future: only the latency to record.
+            self.stats.latency.observe(time.perf_counter() - ticket.accepted, len(ticket.entries))
+            return ticket.errors
+        except Exception as exc:  # a bug: the caller gets INTERNAL errors, as from a flush
+            log.exception("engine: applying a batch failed")
+            self._fail_internal(batch, exc)
+            return ticket.errors
+        except BaseException as exc:
+            self._fail_internal(batch, exc)
+            raise
+        else:
+            future = ticket.future = asyncio.get_running_loop().create_future()
+            self._flusher = asyncio.create_task(self._flush(_Resumed(coro, waiting), batch))
+            return future
+        finally:
+            self._eager = False
+            if self._pending and self._flusher is None:  # queued by a listener meanwhile
+                self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(
+        self, started: Awaitable[None] | None = None, batch: list[Ticket] | None = None
+    ) -> None:
+        """Apply pending batches until none is left (first finishing ``started``)."""
+        self._streak = 0  # the loop has turned
+        try:
+            if started is not None and batch is not None:
+                await self._settle(batch, started)
             while self._pending:
                 if not self._running.is_set():
                     await self._running.wait()
                     continue
                 batch, self._pending = self._pending, []
-                try:
-                    await self._apply(batch)
-                except BaseException as exc:  # never leave a caller waiting
-                    for ticket in batch:
-                        for index, entry in enumerate(ticket.entries):
-                            device, vector = entry.device, entry.vector
-                            error = NotifyError(device.name, vector, "INTERNAL", f"engine: {exc!r}")
-                            ticket.fail(index, error)
-                        ticket.resolve()
-                    raise
-                now = time.perf_counter()
-                latency = self.stats.latency
-                for ticket in batch:
-                    latency.observe(now - ticket.accepted, len(ticket.entries))
-                    ticket.resolve()
+                await self._settle(batch, self.writer.apply(batch))
         finally:
             self._flusher = None
 
-    async def _apply(self, batch: list[_Ticket]) -> None:
-        stats = self.stats
-        # Phase 1: dsci bits, grouped by (16-byte window, key).
-        counts: Counter[_Target] = Counter()
-        for ticket in batch:
-            counts.update(ticket.entries)
-        groups: dict[_WindowKey, list[Any]] = {}
-        for target, count in counts.items():
-            group = groups.get(target.wkey)
-            if group is None:
-                group = groups[target.wkey] = [0, []]
-            group[0] |= target.image
-            group[1].append((target, count))
-        applied: Counter[Device] = Counter()  # devices with an applied bit -> how many
-        for wkey, (mask, members) in groups.items():
-            failed, old = await self._or_group(wkey, mask, batch)
-            for target, count in members:
-                if target.byte in failed:
-                    continue
-                if self.set_counts is not None and not old & target.image:
-                    self.set_counts[(target.device.name, target.vector)] += 1
-                stats.applied += count
-                stats.merged += count - 1
-                applied[target.device] += count
-        # Phase 2: the summaries of the devices with an applied bit.
-        sgroups: dict[_WindowKey, list[Any]] = {}
-        for device, count in applied.items():
-            stats.applied_to(device.adapter.id, count)
-            window, image = window_image(device.summary.gaddr, device.summary.mask)
-            sgroup = sgroups.get((window, device.key))
-            if sgroup is None:
-                sgroup = sgroups[(window, device.key)] = [0, []]
-            sgroup[0] |= image
-            sgroup[1].append(device)
-        due: dict[int, Adapter] = {}
-        decisions = 0
-        for (window, key), (smask, devices) in sgroups.items():
-            try:
-                old = await self.setter.or_window(window, smask, key)
-            except OrFailure as failure:
-                self._fail_where(batch, failure, _of_devices(set(devices)))
-                continue
-            for device in devices:
-                shift = (15 - (device.summary.gaddr & 15)) << 3
-                old_byte = (old >> shift) & 0xFF
-                test = old_byte if device.summary_test == "byte" else old_byte & device.summary.mask
-                if not test:
-                    decisions += 1
-                    due[device.adapter.id] = device.adapter
-        # Phase 3: at most one interrupt per adapter per batch.
-        stats.interrupts_coalesced += decisions - len(due)
-        for adapter in due.values():
-            self._interrupt(adapter)
+    async def _settle(self, batch: list[Ticket], work: Awaitable[None]) -> None:
+        try:
+            await work
+        except BaseException as exc:  # never leave a caller waiting
+            self._fail_internal(batch, exc)
+            raise
+        self._settled(batch)
 
-    def _fail_where(
-        self, batch: list[_Ticket], failure: OrFailure, which: Callable[[_Target], bool]
-    ) -> None:
-        """Fail the not yet failed notifications of ``batch`` whose entry is ``which``."""
+    def _settled(self, batch: list[Ticket]) -> None:
+        now = time.perf_counter()
+        latency = self.stats.latency
         for ticket in batch:
-            errors = ticket.errors
+            latency.observe(now - ticket.accepted, len(ticket.entries))
+            ticket.resolve()
+
+    def _fail_internal(self, batch: list[Ticket], exc: BaseException) -> None:
+        for ticket in batch:
             for index, entry in enumerate(ticket.entries):
-                if errors[index] is None and which(entry):
-                    self._fail(ticket, index, entry, failure)
+                if ticket.errors[index] is None:
+                    error = NotifyError(entry.device.name, entry.vector, "INTERNAL",
+                                        f"engine: {exc!r}")  # fmt: skip
+                    ticket.errors[index] = error
+                    self.stats.fail(error.code, entry.device.adapter.id)
+            ticket.resolve()
 
-    def _fail(self, ticket: _Ticket, index: int, entry: _Target, failure: OrFailure) -> None:
-        device, vector = entry.device, entry.vector
-        error = _notify_error(failure, device, vector)
+    def _failed(self, entry: Target, error: NotifyError) -> None:
+        """Count, log and announce one failed notification."""
+        device = entry.device
         self.stats.fail(error.code, device.adapter.id)
         context = {
             "adapter": device.adapter.name,
             "device": error.device,
             "vector": error.vector,
+            "where": error.where,
             "gaddr": error.gaddr,
             "key": error.key,
             "code": error.code,
         }
         log.warning("notify failed: %s", error, extra=context)
         self._emit(EngineEvent("failed", device.adapter, error))
-        ticket.fail(index, error)
-
-    async def _or_group(
-        self, wkey: _WindowKey, mask: int, batch: list[_Ticket]
-    ) -> tuple[set[int], int]:
-        """OR one window's dsci bits; on failure, retry byte by byte to fail only the
-        notifications whose own byte cannot be set (their tickets are in ``batch``).
-
-        Returns the gaddrs of the bytes that failed and the window's image before the OR.
-        """
-        window, key = wkey
-        try:
-            return set(), await self.setter.or_window(window, mask, key)
-        except OrFailure as failure:
-            first_failure = failure
-        failed: set[int] = set()
-        old = 0
-        for offset in range(16):
-            shift = (15 - offset) << 3
-            bits = (mask >> shift) & 0xFF
-            if not bits:
-                continue
-            gaddr = window + offset
-            try:
-                if mask == bits << shift:  # a single byte: the first failure is its own
-                    raise first_failure
-                old |= await self.setter.or_bits(gaddr, 1, bits, key) << shift
-            except OrFailure as failure:
-                failed.add(gaddr)
-                self._fail_where(batch, failure, _in_byte(wkey, gaddr))
-        return failed, old
 
     # ------------------------------------------------------------- interrupts
 
@@ -461,7 +431,8 @@ class Engine:
         try:
             self.sink.inject(adapter)
         except OSError as exc:
-            stats.fail(errno_name(exc.errno), adapter.id)
+            # Not a failed notification: its bits and summary are in memory.
+            stats.interrupts_failed += 1
             log.error("injecting an interrupt for adapter %s failed: %s", adapter.name, exc)
             return
         stats.injected(adapter.id)
@@ -473,13 +444,3 @@ class Engine:
                 listener(event)
             except Exception:
                 log.exception("engine listener failed")
-
-
-def _of_devices(devices: set[Device]) -> Callable[[_Target], bool]:
-    """Entries of these devices (their summary could not be set)."""
-    return lambda entry: entry.device in devices
-
-
-def _in_byte(wkey: _WindowKey, gaddr: int) -> Callable[[_Target], bool]:
-    """Entries whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
-    return lambda entry: entry.wkey == wkey and entry.byte == gaddr

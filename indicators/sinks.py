@@ -51,6 +51,10 @@ class InterruptSink(ABC):
         """Re-arm suppression for ``isc`` (only called when ``handles_suppression``)."""
         raise NotImplementedError
 
+    def reset_ais(self, isc: int) -> None:
+        """Clear ``isc``'s suppression state (only called when ``handles_suppression``)."""
+        self.set_ais_mode(isc, abi.KVM_S390_AIS_MODE_ALL)
+
 
 class QueueSink(InterruptSink):
     """Keeps delivered interrupts as events; ``count`` counts them per ISC."""
@@ -101,3 +105,7 @@ class KvmSink(InterruptSink):
             raise NotImplementedError("no FLIC fd: suppression is done by the engine")
         req = abi.KvmS390AisReq(isc=isc, mode=mode)
         self.backend.flic_set_attr(self.flic_fd, abi.KVM_DEV_FLIC_AISM, 0, ctypes.addressof(req))
+
+    def reset_ais(self, isc: int) -> None:
+        """``KVM_DEV_FLIC_AISM`` mode ALL: the kernel clears ``isc``'s simm and nimm."""
+        self.set_ais_mode(isc, abi.KVM_S390_AIS_MODE_ALL)

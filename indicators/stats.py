@@ -103,7 +103,7 @@ class EngineStats:
     """Counters of one engine."""
 
     notifications: int = 0  # accepted
-    applied: int = 0  # acknowledged as in guest memory
+    applied: int = 0  # acknowledged: dsci bit and summary in guest memory
     merged: int = 0  # notifications that shared a bit with another in their batch
     cmpxchg: int = 0  # backend cmpxchg calls, all outcomes
     no_xchg: int = 0  # compare-failed rounds retried
@@ -111,7 +111,10 @@ class EngineStats:
     interrupts_injected: int = 0
     interrupts_suppressed: int = 0
     interrupts_coalesced: int = 0  # decisions folded into another interrupt of the batch
-    failures: Counter[str] = field(default_factory=Counter)  # by code
+    interrupts_failed: int = 0  # injections the sink refused (their notifications are applied)
+    undone: int = 0  # dsci bits cleared again because their summary could not be set
+    stranded: int = 0  # such bits that could not be cleared (left behind a clear summary)
+    failures: Counter[str] = field(default_factory=Counter)  # failed notifications, by code
     adapters: dict[int, AdapterCounters] = field(default_factory=dict)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
@@ -126,7 +129,7 @@ class EngineStats:
         self._adapter(adapter_id).notifications += count
 
     def fail(self, code: str, adapter_id: int) -> None:
-        """Count a failed notification (or injection) with ``code``."""
+        """Count a failed notification with ``code``."""
         self.failures[code] += 1
         self._adapter(adapter_id).failures += 1
 
@@ -152,6 +155,9 @@ class EngineStats:
             "interrupts-injected": self.interrupts_injected,
             "interrupts-suppressed": self.interrupts_suppressed,
             "interrupts-coalesced": self.interrupts_coalesced,
+            "interrupts-failed": self.interrupts_failed,
+            "undone": self.undone,
+            "stranded": self.stranded,
             "failures": dict(self.failures),
             "latency-p50": self.latency.report(0.5),
             "latency-p99": self.latency.report(0.99),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layouts import LAYOUT, layout_config
+from layouts import LAYOUT, expected_bits, layout_config
 
 from indicators.adapters import AdapterModel, build_model
 from indicators.config import RetryPolicy, parse_config
@@ -18,6 +19,7 @@ from indicators.engine import Engine, NotifyError
 from indicators.memop import CmpxchgResult, EmulatedBackend, FaultInjector, MemopBackend
 from indicators.simguest import SimulatedGuest
 from indicators.sinks import QueueSink
+from indicators.testing.oracle import oracle_for
 
 MEMORY = 1 << 16
 
@@ -99,6 +101,7 @@ async def test_unknown_device_or_vector_changes_nothing() -> None:
 
 async def test_key_mismatch_fails_with_protection_and_names_everything() -> None:
     model, backend = make([virtio("net0", 0x100, 0x1200, 4, key=5)])
+    backend.set_storage_key(0x0, 0x50)  # the summary page matches
     backend.set_storage_key(0x1000, 0x30)  # the dsci page has ACC 3
     sink = QueueSink()
     engine = Engine(model, backend, sink)
@@ -106,8 +109,10 @@ async def test_key_mismatch_fails_with_protection_and_names_everything() -> None
         await engine.notify("net0", 1)
     error = info.value
     assert (error.device, error.vector, error.code, error.key) == ("net0", 1, "4", 5)
-    assert error.gaddr == 0x1200 and error.size == 1
+    assert error.gaddr == 0x1200 and error.size == 1 and error.where == "dsci"
+    assert error.errno is None, "a program exception has no errno"
     assert "net0" in str(error) and "0x1200" in str(error) and "key 5" in str(error)
+    assert "dsci" in str(error) and "code 4" in str(error)
     assert backend.read(0x100, 1) == b"\x00", "no summary without its indicator"
     assert backend.read(0x1200, 1) == b"\x00"
     assert sink.count == [0] * 8
@@ -156,12 +161,17 @@ async def test_bits_in_two_bytes_use_the_smallest_covering_size() -> None:
     assert sizes[0::2] == [8, 16, 2], "aligned 8 covers 3..5, only 16 covers 7..8, 2 covers 2..3"
 
 
-async def test_concurrent_notifies_are_coalesced_into_batches() -> None:
+async def test_held_notifies_are_coalesced_into_one_batch() -> None:
     model, backend = make([virtio("d", 0x100, 0x200, 64)])
     engine = Engine(model, backend, QueueSink())
-    await asyncio.gather(*(engine.notify("d", v) for v in range(64)))
+    engine.pause()
+    tasks = [asyncio.create_task(engine.notify("d", v)) for v in range(64)]
+    while engine.pending < 64:
+        await asyncio.sleep(0)
+    engine.resume()
+    await asyncio.gather(*tasks)
     assert backend.read(0x200, 8) == b"\xff" * 8
-    assert engine.stats.cmpxchg <= 4
+    assert engine.stats.cmpxchg == 2, "one 8-byte dsci cmpxchg, one summary cmpxchg"
 
 
 # ----------------------------------------------------------- interrupts
@@ -248,7 +258,7 @@ async def test_eagain_on_half_the_calls_still_delivers_everything() -> None:
     assert guest.counts == engine.set_counts
 
 
-async def test_protected_summary_fails_after_the_indicator() -> None:
+async def test_protected_summary_fails_before_the_indicator_is_written() -> None:
     faults = FaultInjector()
     faults.protect(0x100, 1)
     model, backend = make([virtio("v", 0x100, 0x200, 8)], faults=faults)
@@ -256,7 +266,9 @@ async def test_protected_summary_fails_after_the_indicator() -> None:
     with pytest.raises(NotifyError) as info:
         await engine.notify("v", 0)
     assert info.value.code == "4" and info.value.gaddr == 0x100
-    assert backend.read(0x200, 1) == b"\x80", "the indicator was set before the summary"
+    assert info.value.where == "summary"
+    assert backend.read(0x200, 1) == b"\x00", "the summary's check failed: no indicator"
+    assert engine.stats.cmpxchg == 0 and engine.stats.applied == 0
 
 
 async def test_protected_indicator_byte_fails_only_its_notifications() -> None:
@@ -279,6 +291,7 @@ async def test_eagain_bound_is_the_policy() -> None:
     with pytest.raises(NotifyError) as info:
         await engine.notify("v", 0)
     assert info.value.code == "EAGAIN" and engine.stats.cmpxchg == 5
+    assert info.value.errno == errno.EAGAIN and info.value.where == "dsci"
     assert backend.read(0x100, 1) == b"\x00"
 
 
@@ -326,26 +339,56 @@ async def test_pause_holds_until_resume() -> None:
 STREAM = st.lists(
     st.tuples(st.integers(0, 5), st.integers(0, 39), st.integers(1, 30)), min_size=1, max_size=40
 )
+#: Storage keys of the summary page (0x1000) and the indicator pages (0x2000, 0x3000):
+#: ACC 0, 3 or 5, fetch protection or not.
+PAGE_KEYS = st.lists(st.sampled_from([0x00, 0x30, 0x50, 0x38, 0x58]), min_size=3, max_size=3)
+
+
+def first_dsci_bit(device: dict[str, Any]) -> int:
+    """The test's own reading of a raw device config: MSB-0 number of vector 0's bit."""
+    if device["kind"] == "virtio-ccw":
+        return int(device["device_indicator"]) * 8 + device.get("ind_bit", 0)
+    if device["kind"] == "zpci":
+        return int(device["aibv"]) * 8 + device.get("aibvo", 0)
+    return int(device["ind_addr"]) * 8 + device.get("ind_offset", 0)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layout=LAYOUT, stream=STREAM)
-def test_every_acknowledged_notify_is_consumed_and_nothing_else_changes(
+@given(layout=LAYOUT, stream=STREAM, page_keys=PAGE_KEYS)
+def test_every_acknowledged_notify_is_consumed_and_a_failed_one_changes_nothing(
     layout: list[tuple[str, int, int, bool, int | None]],
     stream: list[tuple[int, int, int]],
+    page_keys: list[int],
 ) -> None:
     from collections import Counter
 
     devices = layout_config(layout)
     model, backend = make(devices)
-    backend.set_storage_key(0x2000, 0x30)  # indicator pages ACC 3 (key 3 or 0/None match)
-    backend.set_storage_key(0x3000, 0x30)
-    backend.set_storage_key(0x1000, 0x30)
+    pages = (0x1000, 0x2000, 0x3000)
+    for page, skey in zip(pages, page_keys, strict=True):
+        backend.set_storage_key(page, skey)
     noise = bytearray(os.urandom(MEMORY))
-    for gaddr in model.owned_bytes():
+    bits = expected_bits(devices)
+    for gaddr in bits:
         noise[gaddr] = 0
     backend.memory.write(0, bytes(noise))
     guest = SimulatedGuest(backend.memory, model)
+    raw = {device["name"]: device for device in devices}
+
+    def bit_of(name: str, vector: int) -> tuple[int, int]:
+        number = first_dsci_bit(raw[name]) + vector
+        return number // 8, 0x80 >> (number % 8)
+
+    def fails(name: str) -> bool:
+        """Worked out from the keys alone: a store under key k needs ACC k on both pages."""
+        key = raw[name]["key"]
+        dsci_page = bit_of(name, 0)[0] & ~0xFFF
+        summary_page = 0x1000  # layout_config puts every summary there
+        acc = {page: skey >> 4 for page, skey in zip(pages, page_keys, strict=True)}
+        return bool(key) and (acc[dsci_page] != key or acc[summary_page] != key)
+
+    oracle = oracle_for(lambda gaddr, size: backend.memory.load(gaddr, size), bit_of,
+                        guest.counts)  # fmt: skip
 
     async def run() -> Counter[tuple[str, int]]:
         engine = Engine(model, backend, QueueSink())
@@ -355,12 +398,27 @@ def test_every_acknowledged_notify_is_consumed_and_nothing_else_changes(
         for device_index, vector, repeat in stream:
             device = model.devices[names[device_index % len(names)]]
             batch = [(device.name, (vector + i) % device.vectors) for i in range(repeat)]
-            assert await engine.notify_many(batch) == [None] * len(batch)
+            tokens = oracle.submit_many(batch)
+            errors = await engine.notify_many(batch)
+            for token, (name, _), error in zip(tokens, batch, errors, strict=True):
+                assert (error is not None) == fails(name), (name, error)
+                if error is None:
+                    oracle.acknowledged(token)
+                else:
+                    assert (error.code, error.where) in (("4", "dsci"), ("4", "summary"))
+                    oracle.failed(token, error.code)
         guest.stop()
+        assert engine.stats.applied == sum(1 for _, _, n in stream for _ in range(n)) - sum(
+            engine.stats.failures.values()
+        )
         return engine.set_counts
 
     set_counts = asyncio.run(run())
+    verdict = oracle.verdict()
+    assert verdict.ok, str(verdict)
     assert guest.counts == set_counts, "every bit the engine set was consumed exactly once"
     after = backend.memory.snapshot()
+    stranded = {gaddr: after[gaddr] for gaddr in bits if after[gaddr]}
+    assert stranded == {}, "no bit left set: a failed notification wrote nothing"
     changed = [i for i in range(MEMORY) if after[i] != noise[i]]
     assert changed == [], f"bytes outside the indicators changed: {changed[:8]}"

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from indicators.memop import EmulatedBackend, MemopError
+from indicators.memop import EmulatedBackend, MemopError, ProgramException
 from indicators.memop.guard import ConfinedBackend
 
 
@@ -46,3 +46,33 @@ def test_writes_are_confined_too(confined: ConfinedBackend) -> None:
     with pytest.raises(MemopError, match="outside the configured"):
         confined.write(0x104, b"\x01\x00")
     assert confined.read(0x104, 2) == b"\x00\x7f"
+
+
+def test_check_is_delegated(confined: ConfinedBackend) -> None:
+    inner = confined.inner
+    assert isinstance(inner, EmulatedBackend)
+    inner.set_storage_key(0x0, 0x98)
+    confined.check(0x100, 1, 9)
+    confined.check(0x100, 1, 0)
+    with pytest.raises(ProgramException) as info:
+        confined.check(0x100, 1, 3)
+    assert info.value.code == 4
+    with pytest.raises(ProgramException):
+        confined.check(0x100, 8, 3, store=False)  # fetch-protected page
+    assert inner.get_storage_key(0x0) == 0x98, "expected no R or C from a check"
+
+
+@pytest.mark.parametrize("size", [0, -1, 17, 32, 4096])
+def test_store_check_of_a_size_the_guard_cannot_check_is_refused(
+    confined: ConfinedBackend, size: int
+) -> None:
+    with pytest.raises(MemopError) as info:
+        confined.check(0x100, size, None)
+    assert info.value.errno == errno.EPERM and f"{size} bytes" in str(info.value)
+
+
+def test_fetch_check_of_any_size_is_delegated(confined: ConfinedBackend) -> None:
+    confined.check(0x0, 4096, None, store=False)
+    with pytest.raises(MemopError) as info:
+        confined.check(0x0, 0, None, store=False)
+    assert info.value.errno == errno.EINVAL

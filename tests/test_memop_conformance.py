@@ -745,6 +745,160 @@ def test_read_only_memslot_refuses_writes_only(memop_rig: MemopRig) -> None:
     assert memop_rig.peek(READONLY_PAGE, 8) == b"\x42" * 8
 
 
+# ------------------------------------------- check(): F_CHECK_ONLY, nothing touched
+
+
+def keys_of(rig: MemopRig) -> list[int]:
+    return [rig.get_storage_key(page * PAGE_SIZE) for page in range(rig.memory_size // PAGE_SIZE)]
+
+
+@contextmanager
+def untouched(rig: MemopRig) -> Iterator[None]:
+    """Assert the block changes neither memory nor any storage key (R and C included)."""
+    memory, keys = rig.peek(0, rig.memory_size), keys_of(rig)
+    yield
+    assert rig.peek(0, rig.memory_size) == memory, "expected memory untouched by a check"
+    assert keys_of(rig) == keys, "expected no R or C set by a check"
+
+
+@pytest.mark.parametrize(("skey", "key", "protected"), STORE)
+def test_check_store_protection(
+    memop_rig: MemopRig, skey: int, key: int | None, protected: bool
+) -> None:
+    memop_rig.set_storage_key(KEYED_PAGE, skey)
+    fill_area(memop_rig, ("check", skey, key))
+    with untouched(memop_rig):
+        if protected:
+            expect_program(4, lambda: memop_rig.backend.check(AREA, 8, key))
+        else:
+            memop_rig.backend.check(AREA, 8, key)
+
+
+@pytest.mark.parametrize("skey", [SKEY_ACC9, SKEY_ACC9_FP], ids=["F=0", "F=1"])
+@pytest.mark.parametrize("key", OTHER_KEYS)
+def test_check_store_mismatching_key_is_protection_whatever_f(
+    memop_rig: MemopRig, skey: int, key: int
+) -> None:
+    memop_rig.set_storage_key(KEYED_PAGE, skey)
+    with untouched(memop_rig):
+        expect_program(4, lambda: memop_rig.backend.check(AREA, 16, key, store=True))
+
+
+@pytest.mark.parametrize(("skey", "key", "protected"), FETCH)
+def test_check_fetch_protection(
+    memop_rig: MemopRig, skey: int, key: int | None, protected: bool
+) -> None:
+    memop_rig.set_storage_key(KEYED_PAGE, skey)
+    with untouched(memop_rig):
+        if protected:
+            expect_program(4, lambda: memop_rig.backend.check(AREA, 8, key, store=False))
+        else:
+            memop_rig.backend.check(AREA, 8, key, store=False)
+
+
+@pytest.mark.parametrize(("skey", "protected"), [(SKEY_ACC9, False), (SKEY_ACC9_FP, True)])
+def test_check_fetch_spanning_into_a_fetch_protected_page(
+    memop_rig: MemopRig, skey: int, protected: bool
+) -> None:
+    memop_rig.set_storage_key(KEYED_PAGE, 0x30)
+    memop_rig.set_storage_key(KEYED_PAGE + PAGE_SIZE, skey)
+    call = lambda: memop_rig.backend.check(KEYED_PAGE + PAGE_SIZE - 8, 16, 3, store=False)  # noqa: E731
+    with untouched(memop_rig):
+        if protected:
+            expect_program(4, call)
+        else:
+            call()
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["store", "fetch"])
+@pytest.mark.parametrize("key", [None, 0, ACC])
+@pytest.mark.parametrize("where", PAST_END)
+def test_check_first_byte_past_memory_is_addressing(
+    memop_rig: MemopRig, store: bool, key: int | None, where: str
+) -> None:
+    gaddr = past_end(memop_rig)[where]
+    with untouched(memop_rig):
+        expect_program(5, lambda: memop_rig.backend.check(gaddr, 8, key, store=store))
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["store", "fetch"])
+@pytest.mark.parametrize(("key", "addressing"), [(None, False), (0, False), (ACC, True)])
+def test_check_range_running_past_memory_is_addressing_only_with_a_key(
+    memop_rig: MemopRig, store: bool, key: int | None, addressing: bool
+) -> None:
+    """kvm_s390_vm_mem_op_abs tests the first byte; only a non-zero key walks the pages."""
+    last = memop_rig.memory_size - PAGE_SIZE
+    memop_rig.set_storage_key(last, SKEY_ACC9)
+    call = lambda: memop_rig.backend.check(memop_rig.memory_size - 8, 16, key, store=store)  # noqa: E731
+    with untouched(memop_rig):
+        if addressing:
+            expect_program(5, call)
+        else:
+            call()
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["store", "fetch"])
+@pytest.mark.parametrize(("key", "addressing"), [(None, False), (0, False), (ACC, True)])
+def test_check_read_only_memslot_is_addressing_only_with_a_key(
+    memop_rig: MemopRig, store: bool, key: int | None, addressing: bool
+) -> None:
+    """vm_check_access_key's gfn_to_hva asks for a writable mapping, even for a fetch."""
+    needs_emulation(memop_rig).set_readonly(READONLY_PAGE, PAGE_SIZE)
+    memop_rig.set_storage_key(READONLY_PAGE, SKEY_ACC9)
+    call = lambda: memop_rig.backend.check(READONLY_PAGE, 8, key, store=store)  # noqa: E731
+    with untouched(memop_rig):
+        if addressing:
+            expect_program(5, call)
+        else:
+            call()
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["store", "fetch"])
+@pytest.mark.parametrize(
+    ("size", "key", "code"),
+    [
+        (0, None, errno.EINVAL),
+        (-4, None, errno.EINVAL),
+        (65537, None, errno.E2BIG),
+        (8, 16, errno.EINVAL),
+        (8, 255, errno.EINVAL),
+    ],
+)
+def test_check_size_and_key_validation(
+    memop_rig: MemopRig, store: bool, size: int, key: int | None, code: int
+) -> None:
+    with untouched(memop_rig):
+        expect_memop_error(code, lambda: memop_rig.backend.check(AREA, size, key, store=store))
+
+
+def test_check_validation_comes_before_addressing(memop_rig: MemopRig) -> None:
+    end = memop_rig.memory_size
+    expect_memop_error(errno.E2BIG, lambda: memop_rig.backend.check(end, 65537, 16))
+    expect_memop_error(errno.EINVAL, lambda: memop_rig.backend.check(end, 8, 16))
+
+
+def test_check_the_largest_size_walks_every_page(memop_rig: MemopRig) -> None:
+    assert memop_rig.memory_size == 65536, "the rig's memory is exactly the largest memop"
+    for page in range(0, memop_rig.memory_size, PAGE_SIZE):
+        memop_rig.set_storage_key(page, SKEY_ACC9)
+    with untouched(memop_rig):
+        memop_rig.backend.check(0, 65536, ACC)
+    memop_rig.set_storage_key(memop_rig.memory_size - PAGE_SIZE, 0x30)
+    with untouched(memop_rig):
+        expect_program(4, lambda: memop_rig.backend.check(0, 65536, ACC))
+        memop_rig.backend.check(0, 65536, ACC, store=False)  # F clear: a fetch may
+
+
+def test_check_store_in_a_fault_injected_protected_range(memop_rig: MemopRig) -> None:
+    faults = needs_emulation(memop_rig).faults = FaultInjector()
+    faults.protect(AREA, 16)
+    with untouched(memop_rig):
+        expect_program(4, lambda: memop_rig.backend.check(AREA + 15, 2))
+        memop_rig.backend.check(AREA, 16, store=False)
+        memop_rig.backend.check(AREA + 16, 8)
+    assert faults.injected["protection"] == 1
+
+
 # ---------------------------------------------------------------- FaultInjector
 
 

@@ -53,3 +53,65 @@ async def test_with_a_flic_suppressible_adapters_use_airq_inject_and_aism() -> N
     pci_adapter = 1 << 3 | 2
     assert kernel.device_attrs[1] == (abi.KVM_DEV_FLIC_AIRQ_INJECT, pci_adapter, 0)
     assert len(kernel.interrupts) == 1, "virtio is not suppressible: KVM_S390_INTERRUPT"
+
+
+class FlicKernel(EmulatedKvm):
+    """The emulated kernel plus the FLIC's AIS state, as arch/s390/kvm/interrupt.c keeps it:
+    AISM ALL clears simm and nimm, SINGLE sets simm and clears nimm; AIRQ_INJECT of a
+    suppressible adapter is dropped while nimm is set, and sets nimm when simm is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.simm = self.nimm = 0
+        self.delivered: list[int] = []  # adapter ids the kernel injected
+
+    def __call__(self, fd: int, request: int, arg: int) -> int:
+        if request == abi.KVM_SET_DEVICE_ATTR:
+            attr = abi.KvmDeviceAttr.from_address(arg)
+            if attr.group == abi.KVM_DEV_FLIC_AISM:
+                req = abi.KvmS390AisReq.from_address(attr.addr)  # read while it is alive
+                mask = 0x80 >> req.isc
+                self.nimm &= ~mask
+                self.simm = self.simm & ~mask if req.mode == 0 else self.simm | mask
+            elif attr.group == abi.KVM_DEV_FLIC_AIRQ_INJECT:
+                mask = 0x80 >> (attr.attr & 7)
+                if not self.nimm & mask:
+                    self.delivered.append(attr.attr)
+                    if self.simm & mask:
+                        self.nimm |= mask
+        return super().__call__(fd, request, arg)
+
+
+async def test_reset_adapter_clears_the_kernels_ais_state_through_aism_all() -> None:
+    config = parse_config(
+        {"backend": {"kind": "emulated", "memory_size": 1 << 16}, "devices": DEVICES}
+    )
+    memory = EmulatedBackend(1 << 16)
+    kernel = FlicKernel(memory, "upstream")
+    kvm = KvmBackend(VM_FD, abi_version="auto", ioctl=kernel)
+    engine = Engine(build_model(config), kvm, KvmSink(kvm, FLIC_FD))
+    pci_adapter = 1 << 3 | 2
+
+    async def fresh_interrupt() -> None:
+        memory.write(0x110, b"\x00")  # the guest consumed the summary
+        await engine.notify("pci0", 0)
+
+    engine.set_ais_mode(2, abi.KVM_S390_AIS_MODE_SINGLE)
+    await fresh_interrupt()
+    await fresh_interrupt()
+    assert kernel.delivered == [pci_adapter], "the kernel suppressed the second one"
+    assert kernel.nimm == 0x80 >> 2
+    engine.reset_isc(2)  # what reset-adapter calls
+    assert kernel.device_attrs[-1][:2] == (abi.KVM_DEV_FLIC_AISM, 0)
+    assert (kernel.simm, kernel.nimm) == (0, 0), "AISM mode ALL for isc 2 reached the kernel"
+    await fresh_interrupt()
+    await fresh_interrupt()
+    assert kernel.delivered == [pci_adapter] * 3, "mode ALL: never suppressed again"
+
+
+async def test_reset_adapter_without_a_flic_clears_the_engines_masks_only() -> None:
+    engine, kernel, _ = engine_over_kvm(None)
+    engine.set_ais_mode(2, abi.KVM_S390_AIS_MODE_SINGLE)
+    engine.nimm = 0x80 >> 2
+    engine.reset_isc(2)
+    assert (engine.simm, engine.nimm) == (0, 0) and kernel.device_attrs == []

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from ..abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
+from ..abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE
 from ..adapters import Device
 from ..memop import MemopError
 from .eventfds import EventfdError
@@ -113,9 +113,10 @@ def register_commands(server: QmpServer, service: Service) -> None:
         if adapter is None:
             known = sorted(service.engine.model.adapters)
             raise _generic(f"unknown adapter {args.adapter}; adapters are {known}")
-        mask = isc_mask(adapter.isc)
-        service.engine.simm &= ~mask
-        service.engine.nimm &= ~mask
+        try:  # the engine's masks, and the kernel's AIS state when the FLIC suppresses
+            service.engine.reset_isc(adapter.isc)
+        except OSError as exc:
+            raise _generic(f"adapter {adapter.id}: the FLIC refused AISM: {exc}") from None
         return {}
 
     async def attach_eventfd(args: EventfdArgs, session: QmpSession) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from ..engine import Engine
 
@@ -56,7 +57,7 @@ class EventfdSources:
         self.limit = limit
         self.per_owner = per_owner
         self._sources: dict[tuple[str, int], _Source] = {}
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Future[Any]] = set()
         self.signals = 0
 
     def attach(self, device: str, vector: int, fd: int, owner: int | None = None) -> None:
@@ -104,15 +105,16 @@ class EventfdSources:
         source.signals += value
         source.reads += 1
         self.signals += value
-        task = asyncio.create_task(self._notify(source))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _notify(self, source: _Source) -> None:
+        # An idle engine applies it here, in this callback; a failure is
+        # reported by the engine's listeners.  Only a queued one is tracked.
         try:
-            await self.engine.notify(source.device, source.vector)
-        except Exception as exc:  # reported by the engine's listeners too
-            log.debug("eventfd notify of %s/%d failed: %s", source.device, source.vector, exc)
+            outcome = self.engine.notify_nowait(((source.device, source.vector),))
+        except ValueError as exc:  # the device left in a reload
+            log.debug("eventfd notify of %s/%d refused: %s", source.device, source.vector, exc)
+            return
+        if not isinstance(outcome, list):
+            self._inflight.add(outcome)
+            outcome.add_done_callback(self._inflight.discard)
 
     def stop_reading(self) -> None:
         """Stop watching every eventfd (they stay attached)."""

@@ -9,7 +9,10 @@ Every backend answers the same three calls with the outcomes of the kernel's
   interruption code (4 protection, 5 addressing), :class:`TransientError`
   for ``-EAGAIN`` (retry), a plain :class:`MemopError` for any other errno.
 - :meth:`MemopBackend.read` and :meth:`MemopBackend.write` are absolute
-  accesses under the same key rules.
+  accesses under the same key rules;
+- :meth:`MemopBackend.check` asks, without accessing anything, whether a
+  store or fetch would be allowed (``ABSOLUTE_WRITE``/``ABSOLUTE_READ`` with
+  ``KVM_S390_MEMOP_F_CHECK_ONLY``).
 
 ``key=None`` means "no ``F_SKEY_PROTECTION``" (the kernel then uses key 0,
 which matches every storage key).  Values are unsigned big-endian integers of
@@ -130,6 +133,29 @@ class MemopBackend(ABC):
     @abstractmethod
     def write(self, gaddr: int, data: bytes, key: int | None = None) -> None:
         """Absolute, key-checked store of ``data``."""
+
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        """Whether a store (or, with ``store=False``, a fetch) of ``size`` bytes would pass.
+
+        Changes neither memory nor the storage keys' R and C bits.  Returns
+        when the access would be allowed; raises what the kernel's
+        ``ABSOLUTE_WRITE``/``ABSOLUTE_READ`` with ``F_CHECK_ONLY`` reports:
+        :class:`ProgramException` 4 (protection) or 5 (addressing), or a
+        :class:`MemopError` with the errno (``EINVAL`` for size 0 or a key
+        over 15, ``E2BIG`` for a size over 65536).
+
+        The kernel's check is narrower than the access itself, and backends
+        reproduce that: addressing is checked on the first byte, and only a
+        non-zero ``key`` makes it look at every page (each page outside
+        memory, or in a read-only memslot, is then addressing; a key
+        mismatch is protection for a store, and for a fetch only on a
+        fetch-protected page).  With ``key`` None or 0 a range that runs
+        past the end of memory or over a read-only memslot checks as allowed.
+
+        Every backend of this package implements it; the default (kept
+        concrete so that test doubles need not) raises NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot check an access")
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release what the backend holds.  Idempotent."""

@@ -287,6 +287,31 @@ class EmulatedBackend(MemopBackend):
             keys[page] |= _RC
         self.memory.write(gaddr, data)
 
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        """``F_CHECK_ONLY``: the kernel's ``kvm_s390_vm_mem_op_abs`` and ``check_gpa_range``.
+
+        The kernel tests only the first byte for a memslot, then (for a
+        non-zero key only) each page with ``vm_check_access_key``, whose
+        ``gfn_to_hva`` asks for a writable mapping: a page outside memory or
+        in a read-only memslot is addressing, for a fetch check too.
+        Nothing is accessed, so R and C stay as they are.
+        """
+        if not 0 <= gaddr < 1 << 64:
+            raise ValueError(f"gaddr {gaddr:#x} is not a 64-bit guest address")
+        _check_size_and_key(gaddr, size, key, 0)
+        if gaddr >= self.memory_size:
+            raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=0)
+        if key:
+            acc = key << 4
+            for page in range(gaddr >> PAGE_SHIFT, ((gaddr + size - 1) >> PAGE_SHIFT) + 1):
+                if page >= len(self._keys) or page in self._readonly:
+                    raise ProgramException(PGM_ADDRESSING, gaddr=gaddr, size=size, key=key, old=0)
+                skey = self._keys[page]
+                if skey & SKEY_ACC_MASK != acc and (store or skey & SKEY_FP):
+                    raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
+        if store and self.faults is not None and self.faults.store_protected(gaddr, size):
+            raise ProgramException(PGM_PROTECTION, gaddr=gaddr, size=size, key=key, old=0)
+
     def check_access(self, gaddr: int, size: int, key: int | None, *, store: bool) -> range:
         """Validate an absolute read or write; return the pages it touches."""
         if not 0 <= gaddr < 1 << 64:

@@ -73,6 +73,21 @@ class ConfinedBackend(MemopBackend):
             self._refuse(gaddr, len(data), key, outside, 0)
         self.inner.write(gaddr, data, key)
 
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        """Delegate: a check changes nothing.  A store check of a size this
+        guard would refuse to store is refused here too, so that "allowed"
+        always means the store itself would be let through."""
+        if store and not 0 < size <= 16:
+            raise MemopError(
+                errno.EPERM,
+                f"refused: a store of {size} bytes cannot be checked against the configured "
+                f"bits (1 to 16 bytes)",
+                gaddr=gaddr,
+                size=size,
+                key=key,
+            )
+        self.inner.check(gaddr, size, key, store=store)
+
     def close(self) -> None:
         """Close the inner backend."""
         self.inner.close()

@@ -139,8 +139,11 @@ class EmulatedKvm:
         return 0
 
     def _check_range(self, mop: abi.KvmS390MemOp, key: int | None, *, store: bool) -> int:
+        """``F_CHECK_ONLY``: the kernel reads no buffer (``buf`` may be NULL)."""
         try:
-            self.backend.check_access(mop.gaddr, mop.size, key, store=store)
+            self.backend.check(mop.gaddr, mop.size, key, store=store)
         except ProgramException as exc:
             return exc.code
+        except MemopError as exc:
+            raise _fail(exc.errno or errno.EINVAL) from exc
         return 0

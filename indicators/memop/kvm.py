@@ -216,6 +216,21 @@ class KvmBackend(MemopBackend):
         buffer = ctypes.create_string_buffer(bytes(data), len(data))
         self._access(gaddr, buffer, abi.KVM_S390_MEMOP_ABSOLUTE_WRITE, key)
 
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        """``ABSOLUTE_WRITE``/``ABSOLUTE_READ`` with ``F_CHECK_ONLY`` and no buffer."""
+        op = abi.KVM_S390_MEMOP_ABSOLUTE_WRITE if store else abi.KVM_S390_MEMOP_ABSOLUTE_READ
+        ops = self._ops
+        mop = self._fill(ops, gaddr, size, op, abi.KVM_S390_MEMOP_F_CHECK_ONLY, key)
+        mop.buf = 0  # the kernel copies nothing for a check
+        try:
+            rc = self._ioctl(self.vm_fd, abi.KVM_S390_MEM_OP, ops.mop_addr)
+        except OSError as exc:
+            raise MemopError(
+                exc.errno, os.strerror(exc.errno or 0), gaddr=gaddr, size=size, key=key
+            ) from exc
+        if rc:
+            raise ProgramException(rc, gaddr=gaddr, size=size, key=key, old=0)
+
     # ----------------------------------------------------------- interrupts
 
     def inject_adapter_interrupt(self, isc: int) -> None:

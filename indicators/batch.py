@@ -1,0 +1,397 @@
+"""One batch of notifications written into guest memory, all or nothing per notification.
+
+:class:`BatchWriter` takes a batch of tickets (each a caller's list of
+targets, one device's one vector; see :mod:`indicators.notification`) and
+writes what QEMU and KVM write, in their order:
+
+1. **check**: the store access of every summary the batch will set is
+   checked once (``backend.check``, the memop's ``F_CHECK_ONLY``), before
+   any dsci bit is written.  A notification whose summary cannot be stored
+   fails here and writes nothing.
+2. **dsci**: the bits are ORed per 16-byte window and access key with one
+   cmpxchg.  A cmpxchg that fails wrote nothing; the window is then retried
+   byte by byte, so only the notifications whose own byte cannot be set fail.
+3. **summary**: each summary window is ORed once, for the devices with a
+   dsci bit in memory.  If that store fails although its check passed, the
+   dsci bits this batch turned on for those devices are cleared again with a
+   cmpxchg that clears only them and only while they are still set, and the
+   notifications fail.
+4. **outcome**: only notifications whose bit and summary are in memory are
+   counted as applied; the summary's old value decides which adapters are
+   due an interrupt (the caller delivers at most one per adapter).
+
+Why both a check and an undo: the check makes the common failure (a
+storage-key mismatch that exists before the batch starts) write nothing at
+all, so the guest never sees a bit appear and vanish, and the undo covers
+what no check can: the guest changing a page's storage key with SSKE
+between the check and the store, or a store failing for a reason the
+kernel's check does not look at (a read-only memslot with key 0, an
+injected fault).
+
+The race that remains, and what the service does then:
+
+- a guest that scans its dsci between our store and the undo (another
+  summary of the adapter interrupted it, or it polls) consumes the bit and
+  handles a notification that is then reported failed.  It sees one
+  spurious indication, which drivers tolerate (the queue is empty or is
+  serviced early); the service reports the notification failed and does not
+  count it as applied, because it cannot know whether the guest looked;
+- if the undo itself fails (SSKE changed the dsci page's key too), the bits
+  stay set behind a clear summary: the service logs an error naming them,
+  counts them in ``stats.stranded``, and says so in the notification's
+  error.  The guest finds them at its next scan of that adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from .adapters import Adapter, Device
+from .bitor import BitSetter, OrFailure
+from .memop import TransientError
+from .notification import NotifyError, Target, Ticket, Where, WindowKey
+from .stats import EngineStats
+
+__all__ = ["BatchWriter"]
+
+log = logging.getLogger(__name__)
+
+# Read-only empties for the common case of a batch with no failure.
+_NO_FAILURES: dict[int, OrFailure] = {}
+_NO_DEVICES: set[Device] = set()
+
+
+class BatchWriter:
+    """Writes batches through ``setter``; ``on_fail`` hears of every failed notification
+    and ``on_due`` of every adapter due an interrupt (the engine decides suppression
+    and delivers).
+
+    ``set_counts``, when not None, counts per (device, vector) the applied
+    notifications that found their bit clear and set it.
+    """
+
+    def __init__(
+        self,
+        setter: BitSetter,
+        stats: EngineStats,
+        on_fail: Callable[[Target, NotifyError], None],
+        on_due: Callable[[Adapter], None],
+    ) -> None:
+        self.setter = setter
+        self.stats = stats
+        self.on_fail = on_fail
+        self.on_due = on_due
+        self.set_counts: Counter[tuple[str, int]] | None = None
+
+    async def apply(self, batch: list[Ticket]) -> None:
+        """Write ``batch``, fail (in its tickets) each notification that could not be,
+        then hand each adapter due an interrupt to ``on_due``, once.
+
+        Each OR is tried without waiting first and only a failure or
+        ``-EAGAIN`` takes the slow road, so that a batch that meets neither
+        (an idle engine's batch of one, above all) runs through without a
+        single suspension and without a coroutine per step.  Only one pass
+        goes over every target; the rest go over windows and devices.
+        """
+        if len(batch) == 1 and len(batch[0].entries) == 1:
+            counts: dict[Target, int] = {batch[0].entries[0]: 1}  # the eager batch of one
+        else:
+            counts = Counter()
+            for ticket in batch:
+                counts.update(ticket.entries)
+        groups, firsts, per_adapter = _plan(counts)
+        or_now = self.setter.or_window_now
+        # Step 1: check the summaries' stores.
+        refused = self._check_summaries(batch, firsts)
+        # Step 2: the dsci bits.
+        written: dict[Target, bool] = {}
+        clean = not refused  # so far every notification of the batch is on its way
+        for wkey, (mask, members) in groups.items():
+            if refused:
+                members = [target for target in members if target.device not in refused]
+                if not members:
+                    continue
+                mask = _image(members)
+            try:
+                old, failed = or_now(wkey[0], mask, wkey[1]), _NO_FAILURES
+            except (TransientError, OrFailure) as exc:
+                old, failed = await self._or_slowly(wkey, mask, exc)
+                clean = clean and not failed
+            self._dsci_done(batch, wkey, members, old, failed, written)
+        # Step 3: the summaries of the devices with a bit in memory.
+        reached = firsts if clean else _firsts(written)
+        due: dict[int, Adapter] = {}
+        lost: dict[Device, OrFailure] = {}
+        for swkey, (smask, members) in _summary_groups(reached).items():
+            try:
+                old, failed = or_now(swkey[0], smask, swkey[1]), _NO_FAILURES
+            except (TransientError, OrFailure) as exc:
+                old, failed = await self._or_slowly(swkey, smask, exc)
+            self._summary_done(members, old, failed, due, lost)
+        if lost:
+            clean = False
+            notes = await self._undo(lost, written)
+            for device, failure in lost.items():
+                note = notes.get(device, "")
+                self._fail_where(batch, failure, "summary", _of_device(device), note)
+        # Step 4: count what is acknowledged; the interrupts, one per adapter.
+        self._count(counts, written, lost, per_adapter if clean else None)
+        on_due = self.on_due
+        for adapter in due.values():
+            on_due(adapter)
+
+    # ----------------------------------------------------------------- steps
+
+    def _check_summaries(self, batch: list[Ticket], firsts: dict[Device, Target]) -> set[Device]:
+        """Step 1: the devices whose summary cannot be stored (their notifications fail)."""
+        check = self.setter.check
+        checked: dict[tuple[int, int | None], OrFailure | None] = {}  # summary byte, key
+        refused: set[Device] = _NO_DEVICES
+        for device, target in firsts.items():
+            where = target.skey
+            if where in checked:
+                failure = checked[where]
+            else:
+                try:
+                    check(where[0], 1, where[1])
+                    failure = checked[where] = None
+                except OrFailure as exc:
+                    failure = checked[where] = exc
+            if failure is not None:
+                if not refused:
+                    refused = set()
+                refused.add(device)
+                self._fail_where(batch, failure, "summary", _of_device(device))
+        return refused
+
+    def _dsci_done(
+        self,
+        batch: list[Ticket],
+        wkey: WindowKey,
+        members: list[Target],
+        old: int,
+        failed: dict[int, OrFailure],
+        written: dict[Target, bool],
+    ) -> None:
+        """Step 2, one window: fail the bytes that failed; note which bits this batch
+        turned on (the ones found clear) for the counts and for an undo."""
+        if failed:
+            for gaddr, failure in failed.items():
+                self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
+            members = [target for target in members if target.byte not in failed]
+        for target in members:
+            written[target] = not old & target.image
+
+    def _summary_done(
+        self,
+        members: list[Target],
+        old: int,
+        failed: dict[int, OrFailure],
+        due: dict[int, Adapter],
+        lost: dict[Device, OrFailure],
+    ) -> None:
+        """Step 3, one window: a device whose summary went from clear to set (by its
+        summary test) makes its adapter due; one whose summary failed is lost."""
+        for target in members:
+            failure = failed.get(target.skey[0]) if failed else None
+            if failure is not None:
+                lost[target.device] = failure
+            elif not (old >> target.sshift) & target.stest:
+                adapter = target.device.adapter
+                if adapter.id in due:
+                    self.stats.interrupts_coalesced += 1
+                due[adapter.id] = adapter
+
+    def _count(
+        self,
+        counts: dict[Target, int],
+        written: dict[Target, bool],
+        lost: dict[Device, OrFailure],
+        per_adapter: dict[int, int] | None,
+    ) -> None:
+        """Step 4: count the acknowledged notifications (and only those).
+
+        ``per_adapter`` (the batch's counts per adapter) is given when every
+        notification of the batch was acknowledged: then no target is looked at.
+        """
+        stats = self.stats
+        if per_adapter is None:
+            per_adapter = {}
+            for target in written:
+                if lost and target.device in lost:
+                    continue
+                count = counts[target]
+                stats.applied += count
+                stats.merged += count - 1
+                per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
+        else:
+            total = sum(per_adapter.values())
+            stats.applied += total
+            stats.merged += total - len(counts)
+        for aid, count in per_adapter.items():
+            stats.applied_to(aid, count)
+        set_counts = self.set_counts
+        if set_counts is not None:
+            for target, turned_on in written.items():
+                if turned_on and not (lost and target.device in lost):
+                    set_counts[(target.device.name, target.vector)] += 1
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _or_slowly(
+        self, wkey: WindowKey, mask: int, exc: Exception
+    ) -> tuple[int, dict[int, OrFailure]]:
+        """The road for a window whose OR met ``-EAGAIN`` or failed (``exc``): back off
+        and retry, then, if it still fails, go byte by byte."""
+        if isinstance(exc, TransientError):
+            try:
+                return await self.setter.or_window_later(wkey[0], mask, wkey[1], exc), _NO_FAILURES
+            except OrFailure as failure:
+                return await self._bytewise(wkey, mask, failure)
+        if isinstance(exc, OrFailure):
+            return await self._bytewise(wkey, mask, exc)
+        raise exc
+
+    async def _bytewise(
+        self, wkey: WindowKey, mask: int, first: OrFailure
+    ) -> tuple[int, dict[int, OrFailure]]:
+        """A window's OR failed (writing nothing): retry byte by byte, so that one byte
+        that cannot be set does not fail its neighbours.
+
+        Returns the window's image before the OR and the bytes that failed, by gaddr.
+        """
+        window, key = wkey
+        failed: dict[int, OrFailure] = {}
+        old = 0
+        for offset in range(16):
+            shift = (15 - offset) << 3
+            bits = (mask >> shift) & 0xFF
+            if not bits:
+                continue
+            gaddr = window + offset
+            if mask == bits << shift:  # a single byte: the first failure is its own
+                failed[gaddr] = first
+                break
+            try:
+                old |= await self.setter.or_bits(gaddr, 1, bits, key) << shift
+            except OrFailure as failure:
+                failed[gaddr] = failure
+        return old, failed
+
+    async def _undo(
+        self, lost: dict[Device, OrFailure], written: dict[Target, bool]
+    ) -> dict[Device, str]:
+        """Clear the dsci bits this batch turned on for the devices whose summary failed,
+        one cmpxchg per window; returns, per device, a note for its notifications'
+        errors when its bits could not be cleared."""
+        groups: dict[WindowKey, list[Any]] = {}  # window -> [mask, devices]
+        for target, turned_on in written.items():
+            if turned_on and target.device in lost:
+                group = groups.get(target.wkey)
+                if group is None:
+                    group = groups[target.wkey] = [0, set()]
+                group[0] |= target.image
+                group[1].add(target.device)
+        notes: dict[Device, str] = {}
+        for (window, key), (mask, devices) in groups.items():
+            try:
+                cleared = await self.setter.clear_window(window, mask, key)
+            except OrFailure as failure:
+                stranded = mask.bit_count()
+                self.stats.stranded += stranded
+                names = ", ".join(sorted(device.name for device in devices))
+                log.error(
+                    "device %s: %d dsci bit(s) in window %#x stay set behind a clear summary: "
+                    "clearing them failed: %s (code %s)",
+                    names, stranded, window, failure.desc, failure.code,
+                )  # fmt: skip
+                for device in devices:
+                    notes[device] = (
+                        f"; its dsci bits stay set (clearing them failed with code {failure.code})"
+                    )
+                continue
+            self.stats.undone += cleared.bit_count()
+        return notes
+
+    def _fail_where(
+        self,
+        batch: list[Ticket],
+        failure: OrFailure,
+        where: Where,
+        which: Callable[[Target], bool],
+        note: str = "",
+    ) -> None:
+        """Fail the not yet failed notifications of ``batch`` whose target is ``which``."""
+        for ticket in batch:
+            errors = ticket.errors
+            for index, entry in enumerate(ticket.entries):
+                if errors[index] is None and which(entry):
+                    error = NotifyError.of(failure, entry, where, note)
+                    errors[index] = error
+                    self.on_fail(entry, error)
+
+
+def _of_device(device: Device) -> Callable[[Target], bool]:
+    """Targets of ``device`` (its summary could not be set)."""
+    return lambda entry: entry.device is device
+
+
+def _in_byte(wkey: WindowKey, gaddr: int) -> Callable[[Target], bool]:
+    """Targets whose dsci bit is in the byte at ``gaddr`` of window ``wkey``."""
+    return lambda entry: entry.wkey == wkey and entry.byte == gaddr
+
+
+def _plan(
+    counts: dict[Target, int],
+) -> tuple[dict[WindowKey, list[Any]], dict[Device, Target], dict[int, int]]:
+    """The one pass over every target: the dsci targets by window and key
+    (``[image of their bits, targets]``), the first target of each device, and
+    the notifications per adapter."""
+    groups: dict[WindowKey, list[Any]] = {}
+    firsts: dict[Device, Target] = {}
+    per_adapter: dict[int, int] = {}
+    for target, count in counts.items():
+        group = groups.get(target.wkey)
+        if group is None:
+            groups[target.wkey] = [target.image, [target]]
+        else:
+            group[0] |= target.image
+            group[1].append(target)
+        if target.device not in firsts:
+            firsts[target.device] = target
+        per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
+    return groups, firsts, per_adapter
+
+
+def _image(targets: list[Target]) -> int:
+    """The window image of these targets' dsci bits."""
+    mask = 0
+    for target in targets:
+        mask |= target.image
+    return mask
+
+
+def _firsts(written: dict[Target, bool]) -> dict[Device, Target]:
+    """The first target of each device with a bit in memory."""
+    firsts: dict[Device, Target] = {}
+    for target in written:
+        if target.device not in firsts:
+            firsts[target.device] = target
+    return firsts
+
+
+def _summary_groups(firsts: dict[Device, Target]) -> dict[WindowKey, list[Any]]:
+    """The devices by summary window and key: ``[image of their summary bits, a target
+    of each]``."""
+    groups: dict[WindowKey, list[Any]] = {}
+    for target in firsts.values():
+        group = groups.get(target.swkey)
+        if group is None:
+            groups[target.swkey] = [target.simage, [target]]
+        else:
+            group[0] |= target.simage
+            group[1].append(target)
+    return groups
