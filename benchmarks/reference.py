@@ -7,7 +7,7 @@ issue 13's changes (commit :data:`REFERENCE`, with ``git archive``) into a
 temporary directory and runs the same ``bench_scale.py`` against it and
 against the working tree, alternately, ``runs`` times each.  Per
 configuration the best single and burst figures count (as within
-``bench_scale.py``); for contention the median run.
+``bench_scale.py``); for contention the medians.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("startup_s", "rss_kib", "single_us", "burst_us"):
             best[key] = min(row[key] for row in rows)
         scale.append(best)
-    contention = sorted((run["contention"] for run in runs), key=lambda c: c["per_second"])
-    median = dict(contention[len(contention) // 2])
-    median["per_second"] = statistics.median(c["per_second"] for c in contention)
+    contention = [run["contention"] for run in runs]
+    median = dict(contention[0])
+    for key in ("per_second", "per_cpu_second", "no_xchg_per_notify"):
+        median[key] = statistics.median(c[key] for c in contention)
     return {"scale": scale, "contention": median}
 
 

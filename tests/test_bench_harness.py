@@ -79,12 +79,14 @@ def test_reference_runs_combine_to_the_best_scale_and_the_median_contention() ->
     def run(single: float, burst: float, rate: float) -> dict[str, Any]:
         row = {"adapters": 1, "startup_s": 0.1, "rss_kib": 100, "single_us": single,
                "burst_us": burst}  # fmt: skip
-        return {"scale": [row], "contention": {"per_second": rate, "no_xchg_per_notify": 0.05}}
+        contention = {"per_second": rate, "per_cpu_second": 2 * rate, "no_xchg_per_notify": 0.05}
+        return {"scale": [row], "contention": contention}
 
     both = combine([run(14.0, 0.09, 100.0), run(13.0, 0.10, 300.0), run(15.0, 0.08, 200.0)])
     assert both["scale"][0]["single_us"] == 13.0
     assert both["scale"][0]["burst_us"] == 0.08
     assert both["contention"]["per_second"] == 200.0
+    assert both["contention"]["per_cpu_second"] == 400.0
 
 
 def test_the_reference_is_an_ancestor_of_this_tree() -> None:
