@@ -4,7 +4,7 @@ Two costs that land on a notification without being its own work:
 
 - a full garbage collection walks every container object of the process;
   the model, engine and server made at start-up (tens of thousands of
-  objects, about 8 ms a pass for the demo config) live as long as the
+  objects, about 8 ms a pass for a small config) live as long as the
   daemon, so :func:`freeze_long_lived` moves them out of the collector's
   sight (``gc.freeze``), and again after a reload;
 - the Prometheus endpoint serves scrapes from its own thread, which holds
