@@ -25,9 +25,11 @@ lint: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(VENV)/bin/pytest -q -ra
 
+# Every path next to its floor, ratios against targets; BENCH_ARGS=--quick for a smoke run.
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 # The fuzz campaign: atheris (coverage-guided) on the decoder and the config
 # loader, hypothesis against a running daemon.  FUZZ_RUNS inputs each.

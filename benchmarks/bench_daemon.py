@@ -1,25 +1,22 @@
-"""The daemon's notify paths against a no-op round trip, in one run.
+"""The daemon through a Python QMP client: latency and throughput against a no-op.
 
-One ``indicators run`` subprocess (emulated backend whose RAM is a file this
-process maps) serves every measurement:
+One ``indicators run`` subprocess (``rig.py``) serves every measurement, all
+with a ``qemu.qmp.QMPClient`` (what a Python client sees; its own asyncio
+machinery adds to every round trip):
 
 - ``query-version``: a round trip that does nothing, the yardstick;
 - ``notify`` with one vector per command, and with 64 vectors per command;
-- an eventfd attached to a vector, written by this process (another process
-  than the daemon): latency from the write until the bit is visible in the
-  mapped RAM, and writes per second until the daemon has applied them all.
+- an eventfd attached to a vector, written by this process as fast as it
+  can: writes per second until the daemon has applied them all.
 
-Latency is one client, one command at a time, measured twice: with a raw
-blocking socket (the daemon's own cost: one ``sendall``, then ``recv`` until
-the reply line, skipping the ADAPTER_INTERRUPT event before it) and with a
-``qemu.qmp.QMPClient`` (what a Python client sees; its own asyncio machinery
-adds to every round trip).  Before each command the dsci and summary bytes
-are cleared (the guest consumed them), so every notify is a real 0 -> 1 edge
-with an interrupt.  The raw rows run while no other client is connected.
+Latency is one client, one command at a time; before each command the dsci
+and summary bytes are cleared (the guest consumed them), so every notify is
+a real 0 -> 1 edge with an interrupt.  Throughput is ``--clients`` clients in
+this process, each one command at a time, with the bits left set (the cheap
+merged path), so it mostly measures the socket and the clients.
 
-Throughput is ``--clients`` qemu.qmp clients in this process, each one
-command at a time, with the bits left set (the cheap merged path), so it
-mostly measures the socket and the clients.
+The daemon's own latency against its floors (raw socket, eventfd, p50 to
+p99.9) is ``bench_latency.py``.
 
     .venv/bin/python benchmarks/bench_daemon.py [--seconds 1.0] [--clients 4] [--json FILE]
 """
@@ -30,8 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,39 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
+from rig import BATCH, DSCI, MEMORY, SUMMARY, clear, distribution, percentile, start_daemon
 
 from indicators.guestmem import GuestMemory
-
-MEMORY = 1 << 20
-SUMMARY, DSCI = 0x10000, 0x10100  # net0: 64 vectors, dsci bytes 0x10100..0x10107
-EV_SUMMARY, EV_DSCI = 0x10010, 0x10200  # ev0: the eventfd's device
-BATCH = 64
-
-CONFIG = f"""
-[backend]
-kind = "emulated"
-memory_size = {MEMORY}
-ram = "{{ram}}"
-
-[control]
-socket = "{{socket}}"
-
-[[devices]]
-name = "net0"
-kind = "virtio-ccw"
-summary_indicator = {SUMMARY}
-device_indicator = {DSCI}
-vectors = {BATCH}
-isc = 3
-
-[[devices]]
-name = "ev0"
-kind = "virtio-ccw"
-summary_indicator = {EV_SUMMARY}
-device_indicator = {EV_DSCI}
-vectors = 8
-isc = 3
-"""
 
 
 @dataclass
@@ -93,43 +58,7 @@ class Row:
     percentiles_us: list[tuple[float, float]] | None = None
 
 
-CDF_POINTS = (0.01, 0.05, *(q / 100 for q in range(10, 100, 10)), 0.95, 0.99)
-
-
-def distribution(samples: list[float]) -> list[tuple[float, float]]:
-    """``(fraction, microseconds)`` points of the latency distribution."""
-    return [(q, percentile(samples, q) * 1e6) for q in CDF_POINTS]
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    """The ``fraction`` quantile of ``samples`` (nearest rank)."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-# ------------------------------------------------------------- the daemon
-
-
-def start_daemon(directory: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """``indicators run`` on a RAM file; returns the process, the socket and the RAM path."""
-    path, ram = str(directory / "control.sock"), str(directory / "guest.ram")
-    config = directory / "daemon.toml"
-    config.write_text(CONFIG.format(ram=ram, socket=path))
-    command = [sys.executable, "-m", "indicators.cli", "run", "--config", str(config)]
-    daemon = subprocess.Popen([*command, "--log-level", "warning"], stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10.0
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(path)
-                break
-            except OSError:
-                pass
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            daemon.kill()
-            raise SystemExit(f"the daemon did not start serving {path}")
-        time.sleep(0.02)
-    return daemon, path, ram
+# ------------------------------------------------------------ measurements
 
 
 async def connect(path: str, name: str = "bench") -> QMPClient:
@@ -137,9 +66,6 @@ async def connect(path: str, name: str = "bench") -> QMPClient:
     client = QMPClient(name)
     await client.connect(path)
     return client
-
-
-# ------------------------------------------------------------ measurements
 
 
 async def latency(
@@ -160,65 +86,6 @@ async def latency(
         samples.append(time.perf_counter() - start)
         if len(samples) % 256 == 0:
             client.events.clear()
-    return samples
-
-
-class RawClient:
-    """A blocking QMP client on a plain socket: no event loop, no parsing but the reply's."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.buf = b""
-        assert b'"QMP"' in self.line()
-        self.execute("qmp_capabilities")
-
-    def line(self) -> bytes:
-        while (end := self.buf.find(b"\n")) < 0:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("the daemon hung up")
-            self.buf += chunk
-        line, self.buf = self.buf[: end + 1], self.buf[end + 1 :]
-        return line
-
-    def reply(self) -> object:
-        """The next reply; events before it are skipped."""
-        while (line := self.line()).startswith(b'{"event"'):
-            pass
-        message = json.loads(line)
-        if "return" not in message:
-            raise RuntimeError(f"the daemon answered {message}")
-        return message["return"]
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> object:
-        request = {"execute": command, "arguments": arguments or {}}
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def raw_latency(
-    client: RawClient,
-    command: str,
-    arguments: dict[str, Any] | None,
-    seconds: float,
-    before: Callable[[], None] | None = None,
-) -> list[float]:
-    """:func:`latency` with the raw client (the request is encoded once, outside the timing)."""
-    request = json.dumps({"execute": command, "arguments": arguments or {}}).encode() + b"\n"
-    sendall, reply = client.sock.sendall, client.reply
-    samples: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        sendall(request)
-        reply()
-        samples.append(time.perf_counter() - start)
     return samples
 
 
@@ -245,41 +112,11 @@ async def throughput(
     return sum(counts) / elapsed
 
 
-def clear(memory: GuestMemory, dsci: int, size: int, summary: int) -> Callable[[], None]:
-    """What the guest does after it consumed everything: dsci bytes and summary zero."""
-    zeros = bytes(size)
-
-    def run() -> None:
-        memory.write(dsci, zeros)
-        memory.write(summary, b"\0")
-
-    return run
-
-
 async def attach_eventfd(client: QMPClient, fd: int) -> None:
     """Pass ``fd`` and attach it to ev0 vector 0."""
     client.send_fd_scm(fd)
     await client.execute("getfd", {"fdname": "bench"})
     await client.execute("attach-eventfd", {"device": "ev0", "vector": 0, "fdname": "bench"})
-
-
-def eventfd_latency(fd: int, memory: GuestMemory, seconds: float) -> list[float]:
-    """Write once, spin until the bit is in the mapped RAM; repeat for ``seconds``."""
-    samples: list[float] = []
-    load = memory.load
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        memory.write(EV_DSCI, b"\0")
-        memory.write(EV_SUMMARY, b"\0")
-        start = time.perf_counter()
-        os.eventfd_write(fd, 1)
-        spins = 0
-        while not load(EV_DSCI, 1) & 0x80:
-            spins += 1
-            if spins % 100_000 == 0 and time.perf_counter() - start > 5.0:
-                raise SystemExit("an eventfd write was not applied within 5 s")
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 async def eventfd_throughput(client: QMPClient, fd: int, writes: int) -> tuple[float, int]:
@@ -307,45 +144,15 @@ async def eventfd_throughput(client: QMPClient, fd: int, writes: int) -> tuple[f
 # ------------------------------------------------------------------ report
 
 
-def bench_raw(path: str, memory: GuestMemory, seconds: float) -> list[Row]:
-    """The latency rows with :class:`RawClient`, the only client connected."""
-    raw_noop = Row("raw: query-version (no-op)", 0)
-    raw_single = Row("raw: notify, 1 vector", 1)
-    raw_batch = Row(f"raw: notify, {BATCH} vectors", BATCH)
-    one = {"device": "net0", "vector": 5}
-    many = {"device": "net0", "vector": list(range(BATCH))}
-    cases = [
-        (raw_noop, "query-version", None, None),
-        (raw_single, "notify", one, clear(memory, DSCI, 1, SUMMARY)),
-        (raw_batch, "notify", many, clear(memory, DSCI, BATCH // 8, SUMMARY)),
-    ]
-    client = RawClient(path)
-    try:
-        for row, command, arguments, before in cases:
-            raw_latency(client, command, arguments, seconds / 10, before)  # warm up
-            samples = raw_latency(client, command, arguments, seconds, before)
-            row.p50_us, row.p99_us = percentile(samples, 0.5) * 1e6, percentile(samples, 0.99) * 1e6
-            row.percentiles_us = distribution(samples)
-            row.note = f"{len(samples)} round trips, raw blocking socket"
-    finally:
-        client.close()
-    assert raw_noop.p50_us
-    for row in (raw_noop, raw_single, raw_batch):
-        assert row.p50_us
-        row.latency_ratio = row.p50_us / raw_noop.p50_us
-    return [raw_noop, raw_single, raw_batch]
-
-
 async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
+    """Every row, one after the other."""
     memory = GuestMemory(MEMORY, ram)
-    raw_rows = bench_raw(path, memory, seconds)
-    await asyncio.sleep(0.05)  # let the daemon drop the raw session before the next client
     client = await connect(path)
     try:
         noop = Row("query-version (qemu.qmp no-op)", 0)
         single = Row("notify, 1 vector per command", 1)
         batch = Row(f"notify, {BATCH} vectors per command", BATCH)
-        eventfd = Row("eventfd write -> bit in RAM", 1)
+        eventfd = Row("eventfd writes, throughput", 1)
         one = {"device": "net0", "vector": 5}
         many = {"device": "net0", "vector": list(range(BATCH))}
         cases = [
@@ -365,21 +172,11 @@ async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
         fd = os.eventfd(0, os.EFD_NONBLOCK)
         try:
             await attach_eventfd(client, fd)
-            # The timing loops below block this event loop, so a connected client
-            # could not read the interrupt events and would be dropped as slow:
-            # hang up meanwhile (the eventfd stays attached) and come back after.
-            await client.disconnect()
-            eventfd_latency(fd, memory, seconds / 10)
-            samples = eventfd_latency(fd, memory, seconds)
-            client = await connect(path)
-            eventfd.p50_us = percentile(samples, 0.5) * 1e6
-            eventfd.p99_us = percentile(samples, 0.99) * 1e6
-            eventfd.percentiles_us = distribution(samples)
             writes = 200_000
             rate, reads = await eventfd_throughput(client, fd, writes)
             eventfd.commands_per_s = eventfd.notifications_per_s = rate
             eventfd.note = (
-                f"{len(samples)} writes timed; {writes:,} writes applied as "
+                f"{writes:,} writes applied as "
                 f"{reads:,} notifications (the eventfd counter coalesces)"
             )
         finally:
@@ -395,7 +192,7 @@ async def bench(path: str, ram: str, seconds: float, clients: int) -> list[Row]:
         if row.notifications_per_s is not None:
             row.throughput_ratio = row.notifications_per_s / noop.commands_per_s
     noop.notifications_per_s = noop.throughput_ratio = None
-    return raw_rows + rows
+    return rows
 
 
 def _fmt(value: float | None, spec: str) -> str:

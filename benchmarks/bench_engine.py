@@ -10,9 +10,15 @@ everything), in the baseline's loop as well.
 
     .venv/bin/python benchmarks/bench_engine.py [--repeat 7] [--json FILE]
 
-Cases are measured in interleaved rounds and the best round counts, which
-keeps a busy machine's noise out of the ratios.  The C floor runs the same
-algorithm with gcc -O2 on the same RAM file.
+Cases are measured in interleaved rounds and the median round counts, so
+a busy spell of the shared machine hits every case alike.  The C floor runs
+the same algorithm with gcc -O2 on the same RAM file.
+
+The latency of one awaited ``Engine.notify`` on an idle engine (device
+dev0 vector 0, dsci and summary cleared before each, so every call is a
+0 -> 1 edge with an interrupt) is measured against its floor: the two bare
+``EmulatedBackend.cmpxchg`` calls it needs at least (dsci byte, summary
+byte) plus one awaited done future, in interleaved rounds of 2,000 calls.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import tempfile
 import time
@@ -130,29 +137,85 @@ CASES = [
 ]
 
 
+async def idle_round(engine: Engine, backend: EmulatedBackend, count: int) -> list[float]:
+    """``count`` awaited notifies on an idle engine, each a 0 -> 1 edge with an interrupt."""
+    bit, summary = engine.model.devices["dev0"].dsci[0], engine.model.devices["dev0"].summary
+    write, clock, notify = backend.memory.write, time.perf_counter, engine.notify
+    samples = []
+    for _ in range(count):
+        write(bit.gaddr, b"\0")
+        write(summary.gaddr, b"\0")
+        start = clock()
+        await notify("dev0", 0)
+        samples.append(clock() - start)
+    return samples
+
+
+async def floor_round(engine: Engine, backend: EmulatedBackend, count: int) -> list[float]:
+    """The floor of an awaited notify: two bare cmpxchg calls and one awaited done future."""
+    bit, summary = engine.model.devices["dev0"].dsci[0], engine.model.devices["dev0"].summary
+    write, clock, cmpxchg = backend.memory.write, time.perf_counter, backend.cmpxchg
+    loop = asyncio.get_running_loop()
+    samples = []
+    for _ in range(count):
+        write(bit.gaddr, b"\0")
+        write(summary.gaddr, b"\0")
+        start = clock()
+        cmpxchg(bit.gaddr, 1, 0, bit.mask)
+        cmpxchg(summary.gaddr, 1, 0, summary.mask)
+        done = loop.create_future()
+        done.set_result(None)
+        await done
+        samples.append(clock() - start)
+    return samples
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+
 async def measure(
     model: AdapterModel, backend: EmulatedBackend, repeat: int
-) -> list[dict[str, Any]]:
-    """Every case, ``repeat`` interleaved rounds of about 0.1 s each; the best round counts."""
-    best: dict[str, list[float]] = {}
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every case in ``repeat`` interleaved rounds; the median round counts.
+
+    Returns the throughput rows and the idle-notify latency against its floor.
+    """
+    rounds: dict[str, list[float]] = {}
+    cmpxchg_of: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    idle: dict[str, dict[str, list[float]]] = {"engine": {}, "floor": {}}
     engine = Engine(model, backend, QueueSink())
     burst_1000 = bursts(1000)
+    await idle_round(engine, backend, 200)  # warm up
+    await floor_round(engine, backend, 200)
     for _ in range(repeat):
-        per_round, cmpxchg = baseline(model, backend, burst_1000, 10)
-        entry = best.setdefault("baseline: QEMU algorithm", [float("inf"), cmpxchg, 1])
-        entry[0] = min(entry[0], per_round / 1000)
+        for side, run in (("engine", idle_round), ("floor", floor_round)):
+            samples = await run(engine, backend, 2000)
+            for name, q in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
+                idle[side].setdefault(name, []).append(_pct(samples, q))
+        key = "baseline: QEMU algorithm"
+        per_round, cmpxchg_of[key] = baseline(model, backend, burst_1000, 10)
+        rounds.setdefault(key, []).append(per_round / 1000)
+        sizes[key] = 1
         for name, size, single in CASES:
             burst = burst_1000 if single else bursts(size)
-            rounds = 1 if single else max(1, 20_000 // size)
-            per_round, cmpxchg = await engine_run(engine, backend, burst, rounds, single)
-            entry = best.setdefault(f"{name} {size}", [float("inf"), cmpxchg, size])
-            entry[0] = min(entry[0], per_round / len(burst))
-            entry[1] = cmpxchg
-    return [
-        {"case": key.rsplit(" ", 1)[0] if key.startswith("engine") else key, "burst": int(size),
-         "per_second": 1 / seconds, "cmpxchg_per_notify": cmpxchg}
-        for key, (seconds, cmpxchg, size) in best.items()
+            count = 1 if single else max(1, 20_000 // size)
+            per_round, cmpxchg = await engine_run(engine, backend, burst, count, single)
+            key = f"{name} {size}"
+            rounds.setdefault(key, []).append(per_round / len(burst))
+            cmpxchg_of[key], sizes[key] = cmpxchg, size
+    rows = [
+        {"case": key.rsplit(" ", 1)[0] if key.startswith("engine") else key, "burst": sizes[key],
+         "per_second": 1 / statistics.median(seconds), "cmpxchg_per_notify": cmpxchg_of[key]}
+        for key, seconds in rounds.items()
     ]  # fmt: skip
+    latency = {
+        side: {name: statistics.median(values) for name, values in quantiles.items()}
+        for side, quantiles in idle.items()
+    }
+    return rows, latency
 
 
 def main() -> None:
@@ -164,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         ram = str(Path(tmp) / "ram")
         with EmulatedBackend(MEMORY, path=ram) as backend:
-            rows = asyncio.run(measure(model, backend, args.repeat))
+            rows, idle = asyncio.run(measure(model, backend, args.repeat))
         floor = c_floor(ram, 1.0)
     base = rows[0]["per_second"]
     print(f"{'case':28} {'burst':>6} {'notify/s':>12} {'cmpxchg/notify':>15} {'x baseline':>11}")
@@ -177,9 +240,14 @@ def main() -> None:
                      "cmpxchg_per_notify": 2.0, "ratio": floor / base})  # fmt: skip
         print(f"{'floor: QEMU algorithm in C':28} {1000:>6} {floor:>12,.0f} {2.0:>15.4f} "
               f"{floor / base:>10.1f}x")  # fmt: skip
+    ratio = idle["engine"]["p50_us"] / idle["floor"]["p50_us"]
+    for side, figures in idle.items():
+        print(f"idle awaited notify, {side:6}: p50 {figures['p50_us']:.1f} us, "
+              f"p99 {figures['p99_us']:.1f} us, p99.9 {figures['p999_us']:.1f} us")  # fmt: skip
+    print(f"idle awaited notify / floor, p50: {ratio:.2f}x")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
+            json.dump({"rows": rows, "idle_notify": idle}, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -133,9 +133,9 @@ def format_status(adapters: Any, stats: Any) -> str:
                  "interrupts-failed", "undone", "stranded", "pending", "eventfd-signals",
                  "kernel-generation"):  # fmt: skip
         lines.append(f"{name:>24}: {stats.get(name)}")
-    for name in ("latency-p50", "latency-p99"):  # bucket upper bounds, accepted -> applied
+    for name in ("latency-p50", "latency-p99"):  # interpolated in a bucket, accepted -> applied
         value = stats.get(name)
-        shown = value if value is None or isinstance(value, str) else f"<= {value * 1e6:,.0f} us"
+        shown = value if value is None or isinstance(value, str) else f"{value * 1e6:,.1f} us"
         lines.append(f"{name:>24}: {shown or '-'}")
     lines.append(f"{'failures':>24}: {stats.get('failures') or 'none'}")
     lines.append(f"{'vmm':>24}: {stats.get('vmm') or 'no link'}")

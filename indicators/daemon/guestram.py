@@ -66,6 +66,11 @@ class GuestRam:
         return wiring, path
 
 
+#: Storage keys applied per loop pass: a refresh of a big guest's keys must
+#: not stall notifications for the whole of it.
+_SKEYS_PER_PASS = 2048
+
+
 async def load_storage_keys(vmm: VmmLink, backend: MemopBackend | None) -> int:
     """Load the guest's storage keys from ``dump-skeys`` into an emulated backend.
 
@@ -79,9 +84,11 @@ async def load_storage_keys(vmm: VmmLink, backend: MemopBackend | None) -> int:
     except (RuntimeError, OSError, ValueError) as exc:
         _LIMITER.warning(log, "skeys", "dump-skeys failed: %s", exc)
         return 0
-    for page, key in (keys or {}).items():
+    for count, (page, key) in enumerate((keys or {}).items(), 1):
         with contextlib.suppress(ValueError):
             backend.set_storage_key(page << 12, key & 0xFE)
+        if not count % _SKEYS_PER_PASS:
+            await asyncio.sleep(0)  # a big guest's keys must not hold notifications up
     return len(keys or {})
 
 

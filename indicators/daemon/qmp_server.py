@@ -267,6 +267,8 @@ class QmpServer:
 
         Call it from the event loop's thread (``loop.call_soon_threadsafe`` otherwise).
         """
+        if not self._sessions:  # the usual eventfd-only daemon: no JSON per interrupt
+            return 0
         message = encode(event_message(name, data, timestamp()))
         return sum(session.send_encoded_event(message) for session in list(self._sessions))
 

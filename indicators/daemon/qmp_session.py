@@ -661,8 +661,19 @@ class QmpSession:
             logger.warning("QMP %r does not read its events; disconnecting it", self)
             self.close(grace=0.0)
             return False
-        self._enqueue(data)
+        if self._out or self._corked or self._ended:
+            self._enqueue(data)
+            return True
+        # Sent at the end of this loop pass, not now: the reply of the command
+        # that caused the event (and other events of the pass) go in the same
+        # send, one wake-up of the client instead of two.
+        self._out += data
+        self._loop.call_soon(self._send_deferred)
         return True
+
+    def _send_deferred(self) -> None:
+        if self._out and not (self._writing or self._corked or self._ended):
+            self._send_out()
 
 
 class CapabilitiesArgs(QmpArgs):

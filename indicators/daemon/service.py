@@ -41,6 +41,7 @@ from .loglimit import LogLimiter, limit_repeats
 from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
 from .reloadlog import device_changes
+from .runtime import freeze_long_lived, gil_handback
 from .sdnotify import Notifier
 from .vmm import VmmLink
 from .wiring import Wiring, open_backend
@@ -72,6 +73,7 @@ class Service:
         self._failed: dict[str, FailureBatch] = {}  # this batch's failures, by device
         self._ram: GuestRam | None = None  # ram = "auto": QEMU's RAM, as it hands it over
         self._metrics: Any = None
+        self._frozen = False  # start-up objects kept out of garbage collection (run only)
         #: The metrics endpoint's port (useful with port 0), once started.
         self.metrics_port: int | None = None
 
@@ -234,11 +236,14 @@ class Service:
         await self.start()
         if no_new_privs:
             forbid_new_privileges()
+        self._frozen = True
+        freeze_long_lived()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            await self._stop.wait()
+            with gil_handback(self.config.metrics is not None):
+                await self._stop.wait()
             log.info("stopping (%s)", self._stop_reason)
         finally:
             # No reload while stopping.  A second SIGTERM (a hook's after a manager's, an
@@ -282,6 +287,9 @@ class Service:
         old_model, self.config, self.model = self.model, new, model
         for line in device_changes(old_model, model):
             log.info("reload: %s", line)
+        if self._frozen:
+            del old  # not held here while the collector looks for what it pinned
+            freeze_long_lived()
         log.info("config reloaded: %d devices", len(model.devices))
         return "reloaded"
 
@@ -442,3 +450,4 @@ class Service:
 def _version_tuple() -> tuple[int, int, int]:
     major, minor, micro = (int(part) for part in __version__.split(".")[:3])
     return major, minor, micro
+
