@@ -128,7 +128,7 @@ def start_floor(fd: int, ram: str) -> subprocess.Popen[str]:
 
 def bench_eventfd(path: str, ram: str, rounds: int, count: int) -> dict[str, Any]:
     """Daemon and floor, interleaved rounds of ``count`` writes each."""
-    daemon_fd, floor_fd = os.eventfd(0), os.eventfd(0)
+    daemon_fd, floor_fd = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
     memory = GuestMemory(MEMORY, ram)
     floor = start_floor(floor_fd, ram)
     try:

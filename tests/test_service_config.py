@@ -223,26 +223,44 @@ async def attach(client: Client, fd: int, device: str, vector: int) -> str:
     return "ok"
 
 
-async def test_eventfd_limits_per_client_and_in_all(tmp_path: Path) -> None:
-    raw = daemon_config(
-        tmp_path / "control.sock", control={"max_eventfds": 3, "max_eventfds_per_client": 2}
-    )
+async def _attach_all(
+    tmp_path: Path, control: dict[str, int], plan: list[tuple[str, int]]
+) -> tuple[list[str], list[tuple[str, int]]]:
+    """Run a daemon with ``control`` limits; attach one eventfd per (client, vector) of
+    ``plan`` through two clients of this uid; the answers and what ended up attached."""
+    raw = daemon_config(tmp_path / "control.sock", control=control)
     with contextlib.ExitStack() as stack, running_daemon(tmp_path, raw) as daemon:
-        fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(5)]
-        for fd in fds:
-            stack.callback(os.close, fd)
         async with (
             qmp_client(daemon.socket, "a") as a,
             qmp_client(daemon.socket, "b") as b,
         ):
-            assert await attach(a, fds[0], "net0", 0) == "ok"
-            assert await attach(a, fds[1], "net0", 1) == "ok"
-            assert "a client may attach at most 2 eventfds" in await attach(a, fds[2], "net0", 2)
-            assert await attach(b, fds[3], "net0", 3) == "ok"
-            assert "at most 3 eventfds may be attached" in await attach(b, fds[4], "net0", 4)
+            clients = {"a": a, "b": b}
+            answers = []
+            for name, vector in plan:
+                fd = os.eventfd(0, os.EFD_NONBLOCK)
+                stack.callback(os.close, fd)
+                answers.append(await attach(clients[name], fd, "net0", vector))
             stats = await b.execute("query-stats")
-            attached = sorted((e["device"], e["vector"]) for e in stats["eventfds"])
-            assert attached == [("net0", 0), ("net0", 1), ("net0", 3)]
+    return answers, sorted((e["device"], e["vector"]) for e in stats["eventfds"])
+
+
+async def test_eventfd_limit_per_uid_follows_the_uid_across_connections(tmp_path: Path) -> None:
+    plan = [("a", 0), ("a", 1), ("a", 2), ("b", 3)]
+    control = {"max_eventfds": 10, "max_eventfds_per_client": 2}
+    answers, attached = await _attach_all(tmp_path, control, plan)
+    assert answers[:2] == ["ok", "ok"]
+    # a second connection of the same uid gets no fresh allowance
+    assert all("uid 0 may attach at most 2 eventfds" in answer for answer in answers[2:])
+    assert attached == [("net0", 0), ("net0", 1)]
+
+
+async def test_eventfd_limit_in_all(tmp_path: Path) -> None:
+    plan = [("a", 0), ("a", 1), ("b", 3), ("b", 4)]
+    control = {"max_eventfds": 3, "max_eventfds_per_client": 10}
+    answers, attached = await _attach_all(tmp_path, control, plan)
+    assert answers[:3] == ["ok", "ok", "ok"]
+    assert "at most 3 eventfds may be attached" in answers[3]
+    assert attached == [("net0", 0), ("net0", 1), ("net0", 3)]
 
 
 # ---------------------------------------------------------------- write guard

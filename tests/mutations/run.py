@@ -175,7 +175,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "            1024,\n",
             ),
         ),
-        ("tests/test_service_config.py", "-k", "eventfd_limits"),
+        ("tests/test_service_config.py", "-k", "eventfd_limit_in_all"),
     ),
     Mutation(
         "disconnect_grace timer never fires",
