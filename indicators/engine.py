@@ -122,14 +122,14 @@ class Engine:
     ) -> None:
         self.model = model
         self.sink = sink
-        self.policy = policy or RetryPolicy()
         self.stats = stats or EngineStats()
         #: The cmpxchg retry loops (they count into ``stats``).
-        self.setter = BitSetter(backend, self.policy, self.stats)
+        self.setter = BitSetter(backend, policy or RetryPolicy(), self.stats)
         self.writer = BatchWriter(self.setter, self.stats, self._failed, self._interrupt)
         self.simm = 0  # per-ISC masks, 0x80 >> isc
         self.nimm = 0
         self._pending: list[Ticket] = []
+        self._applying: list[Ticket] = []  # the batch a flush is applying now
         self._flusher: asyncio.Task[None] | None = None
         self._eager = False  # a batch is being applied in a caller's callback
         self._streak_task: asyncio.Task[Any] | None = None  # the task of the last eager batch
@@ -154,6 +154,15 @@ class Engine:
     @backend.setter
     def backend(self, backend: MemopBackend) -> None:
         self.setter.backend = backend
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy of the cmpxchg loops (a reload may replace it)."""
+        return self.setter.policy
+
+    @policy.setter
+    def policy(self, policy: RetryPolicy) -> None:
+        self.setter.policy = policy
 
     @property
     def set_counts(self) -> Counter[tuple[str, int]] | None:
@@ -230,11 +239,73 @@ class Engine:
             self._flusher = asyncio.create_task(self._flush())
         return future
 
+    # ------------------------------------------------------- the live device set
+
+    def add_device(self, device: Device) -> None:
+        """Accept notifications for ``device`` (already in :attr:`model`) from now on."""
+        self._targets[device.name] = Target.all_of(device)
+
+    def remove_devices(self, names: Iterable[str], reason: str) -> int:
+        """Stop accepting notifications for ``names``; fail their queued ones.
+
+        From this call on a notification of these devices is refused as an
+        unknown device.  Those accepted but still queued (the engine is held,
+        or they wait behind a running batch) fail with code ``REMOVED`` and
+        change nothing; those in the batch being applied now complete (wait
+        for them with :meth:`settle`).  Returns how many queued ones failed.
+        """
+        gone = {self._targets.pop(name)[0].device for name in names if name in self._targets}
+        if not gone:
+            return 0
+        failed = 0
+        kept: list[Ticket] = []
+        for ticket in self._pending:
+            keep = [i for i, entry in enumerate(ticket.entries) if entry.device not in gone]
+            if len(keep) == len(ticket.entries):
+                kept.append(ticket)
+                continue
+            for index, entry in enumerate(ticket.entries):
+                if entry.device in gone:
+                    why = f"device removed ({reason}) before it was applied"
+                    error = NotifyError(entry.device.name, entry.vector, "REMOVED", why)
+                    ticket.errors[index] = error
+                    self.stats.fail(error.code, entry.device.adapter.id)
+                    self._emit(EngineEvent("failed", entry.device.adapter, error))
+                    failed += 1
+            if not keep:
+                ticket.resolve()
+                continue
+            kept.append(self._rest_of(ticket, keep))
+        self._pending = kept
+        return failed
+
+    @staticmethod
+    def _rest_of(ticket: Ticket, keep: list[int]) -> Ticket:
+        """A ticket for the entries ``keep`` of ``ticket`` that resolves ``ticket`` with them."""
+        rest = Ticket([ticket.entries[index] for index in keep])
+        rest.accepted = ticket.accepted
+        rest.future = asyncio.get_running_loop().create_future()
+
+        def done(future: asyncio.Future[list[NotifyError | None]]) -> None:
+            for mine, index in enumerate(keep):
+                ticket.errors[index] = future.result()[mine]
+            ticket.resolve()
+
+        rest.future.add_done_callback(done)
+        return rest
+
+    async def settle(self) -> None:
+        """Wait until the batch being applied now (if any) has been applied or has failed."""
+        futures = [t.future for t in self._applying if t.future is not None and not t.future.done()]
+        if futures:
+            await asyncio.wait(futures)
+
     def check_target(self, name: str, vector: int) -> None:
         """Raise ValueError naming the problem unless ``name``/``vector`` exists."""
-        device = self.model.devices.get(name)
-        if device is None:
+        targets = self._targets.get(name)
+        if targets is None:
             raise ValueError(f"unknown device {name!r}")
+        device = targets[0].device
         if not 0 <= vector < len(device.dsci):
             raise ValueError(
                 f"device {name!r} has vectors 0..{len(device.dsci) - 1}; vector {vector} is not one"
@@ -351,6 +422,7 @@ class Engine:
             raise
         else:
             future = ticket.future = asyncio.get_running_loop().create_future()
+            self._applying = batch  # half applied: a removal waits for it (settle)
             self._flusher = asyncio.create_task(self._flush(_Resumed(coro, waiting), batch))
             return future
         finally:
@@ -376,11 +448,14 @@ class Engine:
             self._flusher = None
 
     async def _settle(self, batch: list[Ticket], work: Awaitable[None]) -> None:
+        self._applying = batch
         try:
             await work
         except BaseException as exc:  # never leave a caller waiting
             self._fail_internal(batch, exc)
             raise
+        finally:
+            self._applying = []
         self._settled(batch)
 
     def _settled(self, batch: list[Ticket]) -> None:

@@ -8,7 +8,14 @@ turns what it hears into calls on a :class:`VmmHooks` (the daemon):
 - ``MIGRATION`` with an active status: hold shared-RAM writes, which
   QEMU's dirty tracking would not see, until it completes, fails or is
   cancelled;
-- ``RESET``: clear adapter state (suppression);
+- ``RESET``: the guest's registrations are void: drop its devices, clear
+  adapter state (suppression);
+- a different QEMU (another pid) behind the socket after a reconnect: drop
+  the guest's devices before notifications are accepted again;
+- ``manage_reboot``: at every connect ``set-action`` makes a guest reboot
+  pause the VM (``SHUTDOWN`` reason ``guest-reset``) instead of resetting
+  it; the hooks then drop the guest's devices and reset and continue the
+  VM themselves (``system_reset``, ``cont``);
 - ``SHUTDOWN`` and a lost connection: hold, then, after a grace period
   without QEMU, refuse notifications with a clear error; reconnect with
   exponential backoff and accept again when QEMU is back (after the hooks'
@@ -79,7 +86,14 @@ class VmmHooks(Protocol):
         """The guest is back."""
 
     def reset(self) -> None:
-        """The guest was reset: clear adapter state."""
+        """The guest was reset: drop its devices, clear adapter state."""
+
+    def replaced(self) -> None:
+        """A different QEMU answers on the socket: drop the old guest's devices."""
+
+    def rebooting(self) -> None:
+        """The guest rebooted and QEMU paused it (``manage_reboot``): drop its devices,
+        then reset and continue the VM."""
 
     def vmm_state(self, status: str, data: dict[str, Any]) -> None:
         """Report a state change (the VMM_STATE event)."""
@@ -133,6 +147,7 @@ class VmmLink:
         self._grace_timer: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
         self._reported = ""  # the link state last logged (logged once per change)
+        self._qemu_pid: int | None = None  # the QEMU of the last connection
         #: Seconds a dump-skeys (the command and the read) may take.
         self.skeys_timeout = 10.0
 
@@ -232,6 +247,13 @@ class VmmLink:
             reply = await client.execute("query-status")
             self._client = client
             self.connects += 1
+            peer = self.peer()
+            pid = peer.pid if peer is not None else None
+            if self.connects > 1 and (pid is None or pid != self._qemu_pid):
+                self.hooks.replaced()  # before anything is released: a new guest
+            self._qemu_pid = pid
+            if self.config.manage_reboot:
+                await self._own_reboot(client)
             await self.hooks.attached()
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
@@ -251,6 +273,15 @@ class VmmLink:
                 events.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await events
+
+    async def _own_reboot(self, client: QMPClient) -> None:
+        """Make a guest reboot pause the VM (QEMU >= 6.0), so the daemon resets it."""
+        try:
+            await client.execute("set-action", {"reboot": "shutdown", "shutdown": "pause"})
+        except QMPError as exc:
+            # An older QEMU: the RESET event still drops the guest's devices, only later.
+            log.error("manage_reboot: QEMU at %s refused set-action (%s); a guest reboot is "
+                      "seen only by its RESET event", self.config.qmp_socket, exc)  # fmt: skip
 
     async def _events(self, listener: Any) -> None:
         async for event in listener:
@@ -283,6 +314,8 @@ class VmmLink:
         elif name == "SHUTDOWN":
             self.hooks.hold("stopped")
             self._set_status("shutdown", data)
+            if self.config.manage_reboot and data.get("reason") == "guest-reset":
+                self.hooks.rebooting()
         elif name == "MIGRATION":
             if data.get("status") in _MIGRATING:
                 self.hooks.hold("migration")
