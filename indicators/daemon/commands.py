@@ -261,7 +261,7 @@ def _handlers(daemon: Daemon) -> dict[str, Handler]:
 
     async def guest_reset(_: None, session: QmpSession) -> dict[str, Any]:
         try:
-            return {"dropped": await daemon.guest_reset("guest-reset command")}
+            return {"dropped": await daemon.guest_reset("guest-reset")}
         except (RuntimeError, OSError) as exc:
             raise _generic(f"guest-reset: {exc}") from None
 
