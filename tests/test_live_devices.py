@@ -176,8 +176,7 @@ async def test_a_persistent_runtime_device_survives_a_guest_reset(
         ({"device_indicator": MEMORY}, ["'vnet1'.device_indicator", "past guest memory"]),
         # Same name as a config device.
         ({"name": "net0", "summary_indicator": 0x32000}, ["'net0'.name", "duplicate"]),
-        # ISC 2 is zPCI's adapter 10 for pci0, but a route on adapter 0x40 is isc 5:
-        # a kvm-route with route0's adapter id and another isc.
+        # A kvm-route with route0's adapter id (0x40) but another isc: both named.
         (
             {
                 "kind": "kvm-route",
@@ -189,7 +188,7 @@ async def test_a_persistent_runtime_device_survives_a_guest_reset(
                 "device_indicator": None,
             },
             ["'vnet1'.isc", "device 'route0'", "one adapter id has one isc"],
-        ),  # fmt: skip
+        ),
         # A field of the config's own model, with the value given.
         ({"vectors": 0}, ["'vnet1'.vectors", "greater than or equal to 1", "given 0"]),
         ({"colour": "red"}, ["'vnet1'.colour", "Extra inputs are not permitted"]),
