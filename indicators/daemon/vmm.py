@@ -285,7 +285,10 @@ class VmmLink:
 
     async def _events(self, listener: Any) -> None:
         async for event in listener:
-            listener.clear()  # the history is unbounded otherwise
+            # The history is unbounded otherwise.  Not clear(): that empties the queue
+            # and drops the events that arrived together with this one (a guest
+            # reboot's STOP and SHUTDOWN); qemu.qmp has no public way to trim it.
+            listener._history.clear()
             self._on_event(str(event["event"]), dict(event.get("data", {})))
 
     # -------------------------------------------------------------- events
