@@ -33,7 +33,8 @@ from qemu.qmp import ExecuteError
 from indicators.config import parse_config
 from indicators.daemon.service import Service
 from indicators.guestmem import GuestMemory
-from indicators.memop import EmulatedBackend, MemopError
+from indicators.memop import EmulatedBackend, MemopBackend, MemopError
+from indicators.memop.base import TransientError
 
 #: Where the runtime devices of these tests put their bits (free in daemon_config's layout).
 NEW_SUMMARY, NEW_DSCI = 0x30000, 0x30100
@@ -379,5 +380,73 @@ async def test_manager_gids_admit_a_group(world: Path) -> None:
     try:
         replies = await foreign_client(service.socket_path, NOBODY, [["guest-reset"]])
         assert replies[-1] == {"return": {"dropped": []}}
+    finally:
+        await service.stop(grace=1.0)
+
+
+class _Stalling(MemopBackend):
+    """``inner``, except that a cmpxchg on ``window`` answers -EAGAIN until ``go`` is set
+    (the batch then waits in its back-off, half applied, as a busy kernel makes it)."""
+
+    def __init__(self, inner: MemopBackend, window: int) -> None:
+        self.inner, self.window = inner, window
+        self.go = False
+        self.stalled = asyncio.Event()
+
+    def cmpxchg(self, gaddr: int, size: int, old: int, new: int, key: int | None = None) -> Any:
+        if gaddr & ~15 == self.window and not self.go:
+            self.stalled.set()
+            raise TransientError(gaddr=gaddr, size=size, key=key, old=old)
+        return self.inner.cmpxchg(gaddr, size, old, new, key)
+
+    def read(self, gaddr: int, size: int, key: int | None = None) -> bytes:
+        return self.inner.read(gaddr, size, key)
+
+    def write(self, gaddr: int, data: bytes, key: int | None = None) -> None:
+        self.inner.write(gaddr, data, key)
+
+    def check(self, gaddr: int, size: int, key: int | None = None, *, store: bool = True) -> None:
+        self.inner.check(gaddr, size, key, store=store)
+
+
+def allowed(service: Service, gaddr: int, mask: int) -> bool:
+    """Whether the write guard's allowed bits include ``mask`` at ``gaddr``."""
+    guard = service.registry.guard
+    assert guard is not None
+    return bool(guard.allowed.get(gaddr, 0) & mask)
+
+
+async def test_a_notification_being_applied_completes_before_the_bits_close(
+    tmp_path: Path,
+) -> None:
+    """device-del while its notification waits in the -EAGAIN back-off: the notification
+    is acknowledged with its bit in memory, and only then do the device's bits close."""
+    service = await start_service(
+        tmp_path,
+        retry={"eagain_attempts": 1000, "eagain_backoff_cap": 0.01},  # ~10 s of stalling at most
+    )
+    try:
+        assert service.wiring is not None
+        stalling = _Stalling(service.wiring.backend, NEW_DSCI & ~15)
+        service.engine.backend = service.registry.confine(stalling)
+        async with qmp_client(service.socket_path) as client:
+            await client.execute("device-add", new_device())
+            applying = asyncio.create_task(
+                client.execute("notify", {"device": "vnet1", "vector": 6})
+            )
+            await asyncio.wait_for(stalling.stalled.wait(), TIMEOUT)
+            async with qmp_client(service.socket_path) as manager:
+                removing = asyncio.create_task(manager.execute("device-del", {"name": "vnet1"}))
+                byte, mask = bit_of(NEW_DSCI, 6)
+                await wait_until(lambda: "vnet1" not in service.model.devices)
+                # Removed from the set, but its accepted notification is still running:
+                # its bits stay writable until it is done.
+                assert not removing.done()
+                assert allowed(service, byte, mask)
+                stalling.go = True
+                assert await asyncio.wait_for(applying, TIMEOUT) == {"applied": 1}
+                assert await asyncio.wait_for(removing, TIMEOUT) == {}
+        assert is_set(service, NEW_DSCI, 6)
+        assert not allowed(service, byte, mask) and not writable(service, byte, mask)
     finally:
         await service.stop(grace=1.0)
