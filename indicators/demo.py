@@ -21,11 +21,11 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .cli import format_status
 from .config import Config, parse_config
 from .daemon.service import Service
 from .memop import EmulatedBackend
 from .simguest import SimulatedGuest
+from .statusview import format_status
 
 __all__ = ["DEMO_CONFIG", "demo_config", "run_demo"]
 
