@@ -20,10 +20,13 @@ from typing import Any
 import pytest
 from attack_helpers import FakeQemu
 from daemon_helpers import TIMEOUT, bit_of, daemon_config, qmp_client, wait_until
+from qemu.qmp import QMPClient
 
 from indicators.config import parse_config
 from indicators.daemon.service import Service
 from indicators.memop import MemopError
+from indicators.testing.guest import GuestState
+from indicators.testing.rig import IndicatorsRig
 
 SUMMARY, DSCI = 0x30000, 0x30100
 GUEST_DEVICE = {
@@ -201,7 +204,12 @@ async def test_the_guest_reset_command_drops_then_resets_and_continues_the_vm(
 ) -> None:
     service = await start_service(tmp_path, qemu.path)
     seen: list[bool] = []
-    qemu.on["system_reset"] = lambda: seen.append("vnet1" in service.model.devices)
+
+    def system_reset() -> None:
+        seen.append("vnet1" in service.model.devices)
+        qemu.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+
+    qemu.on["system_reset"] = system_reset
     try:
         await wait_until(lambda: "query-status" in qemu.names())
         async with qmp_client(service.socket_path) as client:
@@ -240,3 +248,40 @@ async def test_a_new_qemu_behind_the_socket_drops_the_guest_devices(tmp_path: Pa
         first.stop()
         if second is not None:
             second.stop()
+
+
+# ------------------------------------------------------------- a real QEMU
+
+RUNTIME_DEVICE = {**GUEST_DEVICE, "name": "vnet9", "summary_indicator": 0x38000,
+                  "device_indicator": 0x38100}  # fmt: skip
+
+
+@pytest.mark.qemu
+@pytest.mark.indicators_layout(config={"vmm": {"manage_reboot": True}})
+async def test_a_real_qemu_hands_its_reboot_over_and_the_guest_reset_command_resets_it(
+    indicators_rig: IndicatorsRig, indicators_qmp: QMPClient
+) -> None:
+    rig = indicators_rig
+    stats = await indicators_qmp.execute("query-stats")
+    assert stats["owns-reboot"] is True  # QEMU accepted set-action
+    await indicators_qmp.execute("device-add", RUNTIME_DEVICE)
+    assert await indicators_qmp.execute("notify", {"device": "vnet9", "vector": 0}) == {
+        "applied": 1
+    }
+    rounds = rig.guest.rounds()
+    with indicators_qmp.listener(names=("VMM_STATE", "DEVICE_DELETED")) as events:
+        assert await indicators_qmp.execute("guest-reset") == {"dropped": ["vnet9"]}
+        seen = []
+        while "reset" not in seen:
+            event = await asyncio.wait_for(events.get(), TIMEOUT)
+            seen.append(event["data"].get("status") or event["event"])
+    # Dropped first, then QEMU reset the VM (and the daemon continued it).
+    assert seen.index("DEVICE_DELETED") < seen.index("reset")
+    assert (await indicators_qmp.execute("query-stats"))["owns-reboot"] is True
+    await rig.guest.wait_rounds(100)
+    assert rig.guest.state() == GuestState.RUNNING and rig.guest.rounds() > rounds
+    await indicators_qmp.execute("notify", {"device": "net0", "vector": 3})
+    await rig.settle()
+    # The guest counts its layout's devices (vnet9 is none of them).
+    assert await rig.park() == {("net0", 3): 1}
+    assert rig.engine.set_counts == {("net0", 3): 1, ("vnet9", 0): 1}

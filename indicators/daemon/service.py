@@ -358,8 +358,7 @@ class Service:
             if narrowing is not None:
                 await narrowing  # the removed bits are closed before the guest runs again
             if self.vmm is not None:
-                await self.vmm.execute("system_reset")
-                await self.vmm.execute("cont")
+                await self.vmm.reset_and_continue()
         finally:
             self.holds.release("guest-reset")
         return names
@@ -488,6 +487,7 @@ class Service:
             "eventfd-signals": self.eventfds.signals,
             "eventfds": self.eventfds.describe(),
             "vmm": self.vmm.status if self.vmm else None,
+            "owns-reboot": self.vmm.owns_reboot if self.vmm else False,
             "kernel-generation": self.wiring.backend.generation if self.wiring else None,
         }
 

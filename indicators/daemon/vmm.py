@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("STOP", "RESUME", "RESET", "SHUTDOWN", "MIGRATION")
 _MIGRATING = {"setup", "active", "postcopy-active", "pre-switchover", "device", "wait-unplug"}
+#: SHUTDOWN reasons that are reset requests QEMU turned into a pause (``manage_reboot``).
+_RESET_CAUSES = {"guest-reset", "host-qmp-system-reset"}
 _SKEY = re.compile(r"^\s*page=([0-9a-fA-F]+):\s*key\((\d+)\)")
 
 
@@ -148,6 +150,9 @@ class VmmLink:
         self._connected = asyncio.Event()
         self._reported = ""  # the link state last logged (logged once per change)
         self._qemu_pid: int | None = None  # the QEMU of the last connection
+        #: Whether QEMU accepted to pause on a guest reboot (``manage_reboot``).
+        self.owns_reboot = False
+        self._reset_seen = asyncio.Event()
         #: Seconds a dump-skeys (the command and the read) may take.
         self.skeys_timeout = 10.0
 
@@ -276,8 +281,10 @@ class VmmLink:
 
     async def _own_reboot(self, client: QMPClient) -> None:
         """Make a guest reboot pause the VM (QEMU >= 6.0), so the daemon resets it."""
+        self.owns_reboot = False
         try:
             await client.execute("set-action", {"reboot": "shutdown", "shutdown": "pause"})
+            self.owns_reboot = True
         except QMPError as exc:
             # An older QEMU: the RESET event still drops the guest's devices, only later.
             log.error("manage_reboot: QEMU at %s refused set-action (%s); a guest reboot is "
@@ -312,12 +319,15 @@ class VmmLink:
             self.hooks.release("stopped")
             self._set_status("running", data)
         elif name == "RESET":
+            self._reset_seen.set()
             self.hooks.reset()
             self._set_status("reset", data)
         elif name == "SHUTDOWN":
             self.hooks.hold("stopped")
             self._set_status("shutdown", data)
-            if self.config.manage_reboot and data.get("reason") == "guest-reset":
+            # Owning the reboot, every reset request arrives as a paused shutdown: the
+            # guest's own, and a system_reset someone else sent.
+            if self.owns_reboot and data.get("reason") in _RESET_CAUSES:
                 self.hooks.rebooting()
         elif name == "MIGRATION":
             if data.get("status") in _MIGRATING:
@@ -337,6 +347,35 @@ class VmmLink:
         if self._client is None:
             raise RuntimeError(f"not connected to QEMU at {self.config.qmp_socket}")
         return await self._client.execute(command, arguments)
+
+    async def reset_and_continue(self, timeout: float = 10.0) -> None:
+        """Reset the VM (``system_reset``, waiting for its RESET) and continue it (``cont``).
+
+        While the link owns the reboot, QEMU turns every reset request into a
+        shutdown (that is what ``reboot: "shutdown"`` means, for ``system_reset``
+        too), so the reset action is put back for this one reset; the VM is
+        paused or its guest devices are gone by then.  RuntimeError says what
+        QEMU refused.
+        """
+        self._reset_seen.clear()
+        try:
+            if self.owns_reboot:
+                await self.execute("set-action", {"reboot": "reset"})
+            try:
+                await self.execute("system_reset")
+                # The reset happens in QEMU's main loop after the reply; cont before it
+                # would be refused ("Resetting the Virtual Machine is required").
+                await asyncio.wait_for(self._reset_seen.wait(), timeout)
+            finally:
+                if self.owns_reboot:
+                    await self.execute("set-action", {"reboot": "shutdown"})
+            await self.execute("cont")
+        except QMPError as exc:
+            raise RuntimeError(f"QEMU at {self.config.qmp_socket} refused: {exc}") from None
+        except TimeoutError:
+            raise RuntimeError(
+                f"QEMU at {self.config.qmp_socket} sent no RESET within {timeout:g} s"
+            ) from None
 
     async def ram_path(self) -> str:
         """The guest RAM's backing file: ``mem-path`` of the (first) memory backend."""
