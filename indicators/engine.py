@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
+from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE
 from .adapters import Adapter, AdapterModel, Device
 from .batch import BatchWriter
 from .bitor import BitSetter
@@ -54,6 +54,7 @@ from .memop import MemopBackend
 from .notification import NotifyError, Target, Ticket
 from .sinks import InterruptSink
 from .stats import EngineStats
+from .suppression import Suppression
 
 __all__ = ["Engine", "EngineEvent", "NotifyError"]
 
@@ -126,8 +127,8 @@ class Engine:
         #: The cmpxchg retry loops (they count into ``stats``).
         self.setter = BitSetter(backend, policy or RetryPolicy(), self.stats)
         self.writer = BatchWriter(self.setter, self.stats, self._failed, self._interrupt)
-        self.simm = 0  # per-ISC masks, 0x80 >> isc
-        self.nimm = 0
+        #: Adapter-interruption suppression (when the sink does not apply it itself).
+        self.suppression = Suppression()
         self._pending: list[Ticket] = []
         self._applying: list[Ticket] = []  # the batch a flush is applying now
         self._flusher: asyncio.Task[None] | None = None
@@ -364,19 +365,32 @@ class Engine:
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
 
+    @property
+    def simm(self) -> int:
+        """The suppression state's single-mode mask (``0x80 >> isc`` per ISC)."""
+        return self.suppression.simm
+
+    @simm.setter
+    def simm(self, mask: int) -> None:
+        self.suppression.simm = mask
+
+    @property
+    def nimm(self) -> int:
+        """The suppression state's no-interrupt mask."""
+        return self.suppression.nimm
+
+    @nimm.setter
+    def nimm(self, mask: int) -> None:
+        self.suppression.nimm = mask
+
     def set_ais_mode(self, isc: int, mode: int) -> None:
         """The guest's SIC re-arm: mode ALL (0) clears simm and nimm, SINGLE (1) sets simm."""
-        mask = isc_mask(isc)
         if mode not in (KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE):
             raise ValueError(f"AIS mode {mode} is neither ALL (0) nor SINGLE (1)")
         if self.sink.handles_suppression:
             self.sink.set_ais_mode(isc, mode)
             return
-        self.nimm &= ~mask
-        if mode == KVM_S390_AIS_MODE_ALL:
-            self.simm &= ~mask
-        else:
-            self.simm |= mask
+        self.suppression.set_mode(isc, mode)
 
     def reset_isc(self, isc: int) -> None:
         """Clear ``isc``'s suppression state wherever it is kept: the engine's masks,
@@ -384,15 +398,13 @@ class Engine:
 
         Raises OSError when the kernel refuses; the engine's masks are clear by then.
         """
-        mask = isc_mask(isc)
-        self.simm &= ~mask
-        self.nimm &= ~mask
+        self.suppression.reset(isc)
         if self.sink.handles_suppression:
             self.sink.reset_ais(isc)
 
     def reset_suppression(self) -> None:
         """Clear every ISC's simm and nimm, as a FLIC reset does."""
-        self.simm = self.nimm = 0
+        self.suppression.reset_all()
 
     # ------------------------------------------------------------ the batches
 
@@ -495,14 +507,14 @@ class Engine:
 
     def _interrupt(self, adapter: Adapter) -> None:
         stats = self.stats
-        if adapter.suppressible and not self.sink.handles_suppression:
-            mask = isc_mask(adapter.isc)
-            if self.nimm & mask:
-                stats.suppressed(adapter.id)
-                self._emit(EngineEvent("suppressed", adapter))
-                return
-            if self.simm & mask:
-                self.nimm |= mask
+        if (
+            adapter.suppressible
+            and not self.sink.handles_suppression
+            and not self.suppression.admit(adapter.isc)
+        ):
+            stats.suppressed(adapter.id)
+            self._emit(EngineEvent("suppressed", adapter))
+            return
         try:
             self.sink.inject(adapter)
         except OSError as exc:

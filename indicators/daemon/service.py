@@ -455,7 +455,7 @@ class Service:
         engine = self.engine
         result = []
         for adapter in engine.model.adapters.values():
-            mask = 0x80 >> adapter.isc
+            simm, nimm = engine.suppression.state(adapter.isc)
             result.append(
                 {
                     "id": adapter.id,
@@ -463,8 +463,8 @@ class Service:
                     "isc": adapter.isc,
                     "kind": adapter.kind,
                     "suppressible": adapter.suppressible,
-                    "simm": bool(engine.simm & mask),
-                    "nimm": bool(engine.nimm & mask),
+                    "simm": simm,
+                    "nimm": nimm,
                     "devices": [
                         {
                             **describe_device(d, engine.backend.read),
