@@ -235,7 +235,7 @@ async def test_removal_is_not_refused_while_notifications_are_pending(
     """Queued notifications of a removed device fail with code REMOVED and change
     nothing; those of the other devices are applied when the hold ends."""
     await client.execute("device-add", new_device())
-    service.hold("test")
+    service.holds.hold("test")
     try:
         gone = asyncio.create_task(client.execute("notify", {"device": "vnet1", "vector": 4}))
         async with qmp_client(service.socket_path) as other:
@@ -247,10 +247,10 @@ async def test_removal_is_not_refused_while_notifications_are_pending(
                 await asyncio.wait_for(gone, TIMEOUT)
             assert "code REMOVED: 1" in str(caught.value)
             assert service.engine.pending == 1
-            service.release("test")
+            service.holds.release("test")
             assert await asyncio.wait_for(kept, TIMEOUT) == {"applied": 1}
     finally:
-        service.release("test")
+        service.holds.release("test")
     assert not is_set(service, NEW_DSCI, 4) and memory_of(service).load(NEW_SUMMARY, 1) == 0
     assert is_set(service, NET_DSCI, 9)
     stats = await client.execute("query-stats")
@@ -299,7 +299,7 @@ async def test_the_reset_hook_drops_guest_devices_before_the_next_notification(
     service: Service, client: Client
 ) -> None:
     await client.execute("device-add", new_device())
-    service.reset()  # what the VMM link calls on QEMU's RESET event
+    service.hooks.reset()  # what the VMM link calls on QEMU's RESET event
     with pytest.raises(ValueError, match="unknown device 'vnet1'"):
         service.engine.notify_nowait((("vnet1", 0),))
     assert "vnet1" not in service.model.devices
@@ -315,13 +315,13 @@ async def test_reload_is_a_diff_and_is_not_refused_while_notifications_are_pendi
     try:
         async with qmp_client(service.socket_path) as client:
             await client.execute("device-add", new_device())
-            service.hold("test")
+            service.holds.hold("test")
             pending = asyncio.create_task(client.execute("notify", {"device": "net0", "vector": 3}))
             await wait_until(lambda: service.engine.pending == 1)
             devices = [d for d in raw["devices"] if d["name"] != "pci0"]
             write_config(path, {**raw, "devices": devices})
             assert service.reload() == "reloaded"
-            service.release("test")
+            service.holds.release("test")
             assert await asyncio.wait_for(pending, TIMEOUT) == {"applied": 1}
             listed = lifetimes(await client.execute("query-adapters"))
             assert "pci0" not in listed and listed["vnet1"] == "guest"
@@ -330,7 +330,7 @@ async def test_reload_is_a_diff_and_is_not_refused_while_notifications_are_pendi
             assert service.reload().startswith("refused: ")
             assert "clash" not in lifetimes(await client.execute("query-adapters"))
     finally:
-        service.release("test")
+        service.holds.release("test")
         await service.stop(grace=1.0)
 
 
