@@ -30,7 +30,7 @@ from daemon_helpers import (
 )
 from qemu.qmp import ExecuteError
 
-from indicators.config import parse_config
+from indicators.config import ConfigError, parse_config
 from indicators.daemon.service import Service
 from indicators.guestmem import GuestMemory
 from indicators.memop import EmulatedBackend, MemopBackend, MemopError
@@ -450,3 +450,13 @@ async def test_a_notification_being_applied_completes_before_the_bits_close(
         assert not allowed(service, byte, mask) and not writable(service, byte, mask)
     finally:
         await service.stop(grace=1.0)
+
+
+def test_an_empty_device_range_is_a_config_error(tmp_path: Path) -> None:
+    raw = daemon_config(tmp_path / "control.sock", control={"device_ranges": [[0x2000, 0x1000]]})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, "<test>")
+    assert "control" in str(caught.value) and "[0x2000, 0x1000) is empty" in str(caught.value)
+    defaults = parse_config(daemon_config(tmp_path / "c.sock"), "<test>").control
+    assert defaults is not None
+    assert (defaults.manager_uids, defaults.manager_gids, defaults.device_ranges) == ([], [], None)
