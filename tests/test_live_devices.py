@@ -315,16 +315,23 @@ async def test_reload_is_a_diff_and_is_not_refused_while_notifications_are_pendi
     try:
         async with qmp_client(service.socket_path) as client:
             await client.execute("device-add", new_device())
+            await client.execute("set-ais-mode", {"isc": 2, "mode": "single"})
             service.holds.hold("test")
             pending = asyncio.create_task(client.execute("notify", {"device": "net0", "vector": 3}))
             await wait_until(lambda: service.engine.pending == 1)
             devices = [d for d in raw["devices"] if d["name"] != "pci0"]
             write_config(path, {**raw, "devices": devices})
             assert service.reload() == "reloaded"
+            # The hold, the suppression state and the listeners are the same after it.
+            assert service.engine.paused and list(service.holds) == ["test"]
+            assert service.engine.suppression.state(2) == (True, False)
             service.holds.release("test")
             assert await asyncio.wait_for(pending, TIMEOUT) == {"applied": 1}
             listed = lifetimes(await client.execute("query-adapters"))
             assert "pci0" not in listed and listed["vnet1"] == "guest"
+            with client.listener(names=("ADAPTER_INTERRUPT",)) as listener:
+                await client.execute("notify", {"device": "vnet1", "vector": 4})
+                assert (await asyncio.wait_for(listener.get(), TIMEOUT))["data"]["isc"] == 3
             # A config device that collides with a runtime one: refused, nothing changes.
             write_config(path, {**raw, "devices": [*devices, new_device("clash")]})
             assert service.reload().startswith("refused: ")
