@@ -467,3 +467,11 @@ def test_an_empty_device_range_is_a_config_error(tmp_path: Path) -> None:
     defaults = parse_config(daemon_config(tmp_path / "c.sock"), "<test>").control
     assert defaults is not None
     assert (defaults.manager_uids, defaults.manager_gids, defaults.device_ranges) == ([], [], None)
+
+
+async def test_a_device_whose_summary_byte_holds_anothers_indicators_is_named(
+    client: Client,
+) -> None:
+    # net0's indicator bytes start at NET_DSCI: a summary byte there clashes with them.
+    message = await refused(client, "device-add", new_device(summary_indicator=NET_DSCI))
+    assert "adding 'vnet1' conflicts" in message and "'net0'" in message, message
