@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from attack_helpers import FakeQemu
 from daemon_helpers import TIMEOUT, bit_of, daemon_config, qmp_client, wait_until
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from indicators.config import parse_config
 from indicators.daemon.service import Service
@@ -337,3 +337,22 @@ async def test_a_real_qemu_pauses_a_reset_request_and_the_daemon_resets_the_vm_i
     await rig.settle()
     assert await rig.park() == {("blk0", 1): 1}
     assert (await indicators_qmp.execute("query-stats"))["owns-reboot"] is True
+
+
+async def test_a_guest_reset_qemu_refuses_says_the_devices_are_dropped_anyway(
+    tmp_path: Path, qemu: ScriptedQemu
+) -> None:
+    service = await start_service(tmp_path, qemu.path)
+    qemu.refuse["system_reset"] = "no reset today"
+    try:
+        await wait_until(lambda: "query-status" in qemu.names())
+        async with qmp_client(service.socket_path) as client:
+            await client.execute("device-add", GUEST_DEVICE)
+            with pytest.raises(ExecuteError) as caught:
+                await client.execute("guest-reset")
+        message = str(caught.value)
+        assert "devices were dropped" in message and "no reset today" in message, message
+        assert "vnet1" not in service.model.devices
+        assert not service.engine.paused  # the reset's hold is released
+    finally:
+        await service.stop(grace=1.0)

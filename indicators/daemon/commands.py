@@ -258,7 +258,10 @@ def _handlers(daemon: Daemon) -> dict[str, Handler]:
         try:
             return {"dropped": await daemon.guest_reset("guest-reset")}
         except (RuntimeError, OSError) as exc:
-            raise _generic(f"guest-reset: {exc}") from None
+            # The devices are gone by then (that step cannot fail): say so.
+            raise _generic(
+                f"guest-reset: the guest's devices were dropped, but resetting the VM failed: {exc}"
+            ) from None
 
     async def quit_(_: None, session: QmpSession) -> dict[str, Any]:
         daemon.request_stop("quit command")
