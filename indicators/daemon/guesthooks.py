@@ -110,6 +110,12 @@ class GuestHooks:
             self.holds.release("guest-reset")
         return names
 
+    async def close(self) -> None:
+        """Stop a reboot still being handled (the daemon is stopping)."""
+        for task in list(self._reboots):
+            task.cancel()
+        await asyncio.gather(*self._reboots, return_exceptions=True)
+
     def vmm_state(self, status: str, data: dict[str, Any]) -> None:
         """Report ``VMM_STATE``."""
         self.report("VMM_STATE", {"status": status, **data})

@@ -225,6 +225,7 @@ class Service:
             self.eventfds.close()
         if self._skeys_task is not None:
             self._skeys_task.cancel()
+        await self.hooks.close()
         if self.vmm is not None:
             await self.vmm.stop()
         if self._metrics is not None:
