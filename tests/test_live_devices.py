@@ -475,3 +475,10 @@ async def test_a_device_whose_summary_byte_holds_anothers_indicators_is_named(
     # net0's indicator bytes start at NET_DSCI: a summary byte there clashes with them.
     message = await refused(client, "device-add", new_device(summary_indicator=NET_DSCI))
     assert "adding 'vnet1' conflicts" in message and "'net0'" in message, message
+
+
+def test_manage_reboot_is_refused_for_a_libvirt_domain(tmp_path: Path) -> None:
+    raw = daemon_config(tmp_path / "c.sock", vmm={"libvirt": "guest1", "manage_reboot": True})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, "<test>")
+    assert "manage_reboot = true with libvirt = 'guest1'" in str(caught.value)
