@@ -482,3 +482,29 @@ def test_manage_reboot_is_refused_for_a_libvirt_domain(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(raw, "<test>")
     assert "manage_reboot = true with libvirt = 'guest1'" in str(caught.value)
+
+
+async def test_a_batch_across_devices_loses_only_the_removed_devices_part(
+    service: Service, client: Client
+) -> None:
+    """One caller's batch over several devices (the engine's own API allows it): the
+    removed device's notifications fail with REMOVED, the others get their own outcome
+    (applied, or - for the keyed device on a page its key may not store to - code 4)."""
+    await client.execute("device-add", new_device())
+    engine = service.engine
+    service.holds.hold("test")
+    try:
+        batch = asyncio.ensure_future(
+            engine.notify_many([("vnet1", 2), ("net0", 5), ("vnet1", 3), ("locked", 1)])
+        )
+        await wait_until(lambda: engine.pending == 4)
+        assert engine.remove_devices(["vnet1"], "test") == 2
+        assert engine.pending == 2
+    finally:
+        service.holds.release("test")
+    first, second, third, fourth = await asyncio.wait_for(batch, TIMEOUT)
+    assert second is None and is_set(service, NET_DSCI, 5)
+    assert fourth is not None and fourth.code == "4"
+    assert first is not None and third is not None
+    assert (first.code, third.code) == ("REMOVED", "REMOVED")
+    assert not is_set(service, NEW_DSCI, 2) and not is_set(service, NEW_DSCI, 3)
