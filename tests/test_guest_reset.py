@@ -356,3 +356,17 @@ async def test_a_guest_reset_qemu_refuses_says_the_devices_are_dropped_anyway(
         assert not service.engine.paused  # the reset's hold is released
     finally:
         await service.stop(grace=1.0)
+
+
+async def test_owning_the_reboot_a_guest_poweroff_still_ends_qemu(
+    tmp_path: Path, qemu: ScriptedQemu
+) -> None:
+    """shutdown: "pause" is set for the reboots only: a guest poweroff is finished with quit."""
+    service = await start_service(tmp_path, qemu.path, manage_reboot=True)
+    try:
+        await wait_until(lambda: "set-action" in qemu.names())
+        qemu.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        await wait_until(lambda: "quit" in qemu.names())
+        assert "system_reset" not in qemu.names()
+    finally:
+        await service.stop(grace=1.0)

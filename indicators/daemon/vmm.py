@@ -15,7 +15,8 @@ turns what it hears into calls on a :class:`VmmHooks` (the daemon):
 - ``manage_reboot``: at every connect ``set-action`` makes a guest reboot
   pause the VM (``SHUTDOWN`` reason ``guest-reset``) instead of resetting
   it; the hooks then drop the guest's devices and reset and continue the
-  VM themselves (``system_reset``, ``cont``);
+  VM themselves (``system_reset``, ``cont``); a guest poweroff, paused by
+  the same setting, is finished with ``quit`` as QEMU's default would;
 - ``SHUTDOWN`` and a lost connection: hold, then, after a grace period
   without QEMU, refuse notifications with a clear error; reconnect with
   exponential backoff and accept again when QEMU is back (after the hooks'
@@ -153,6 +154,7 @@ class VmmLink:
         #: Whether QEMU accepted to pause on a guest reboot (``manage_reboot``).
         self.owns_reboot = False
         self._reset_seen = asyncio.Event()
+        self._quits: set[asyncio.Task[None]] = set()
         #: Seconds a dump-skeys (the command and the read) may take.
         self.skeys_timeout = 10.0
 
@@ -290,6 +292,18 @@ class VmmLink:
             log.error("manage_reboot: QEMU at %s refused set-action (%s); a guest reboot is "
                       "seen only by its RESET event", self.config.qmp_socket, exc)  # fmt: skip
 
+    def _finish_shutdown(self) -> None:
+        async def quit_qemu() -> None:
+            try:
+                await self.execute("quit")
+            except (QMPError, RuntimeError, EOFError, OSError) as exc:
+                log.warning("quitting QEMU at %s after the guest's shutdown failed: %s",
+                            self.config.qmp_socket, exc)  # fmt: skip
+
+        task = asyncio.get_running_loop().create_task(quit_qemu())
+        self._quits.add(task)
+        task.add_done_callback(self._quits.discard)
+
     async def _events(self, listener: Any) -> None:
         async for event in listener:
             # The history is unbounded otherwise.  Not clear(): that empties the queue
@@ -329,6 +343,10 @@ class VmmLink:
             # guest's own, and a system_reset someone else sent.
             if self.owns_reboot and data.get("reason") in _RESET_CAUSES:
                 self.hooks.rebooting()
+            elif self.owns_reboot and data.get("guest"):
+                # The guest powered off: ``shutdown: "pause"`` (set for the reboots) kept
+                # QEMU alive; finish it as QEMU's default action would have.
+                self._finish_shutdown()
         elif name == "MIGRATION":
             if data.get("status") in _MIGRATING:
                 self.hooks.hold("migration")
