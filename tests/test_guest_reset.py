@@ -72,6 +72,11 @@ class ScriptedQemu:
         for writer in self._writers:
             writer.write(json.dumps(message).encode() + b"\r\n")
 
+    def hang_up(self) -> None:
+        """Close every client connection (the server keeps listening)."""
+        for writer in self._writers:
+            writer.close()
+
     def names(self) -> list[str]:
         return [name for name, _ in self.commands]
 
@@ -368,5 +373,24 @@ async def test_owning_the_reboot_a_guest_poweroff_still_ends_qemu(
         qemu.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
         await wait_until(lambda: "quit" in qemu.names())
         assert "system_reset" not in qemu.names()
+    finally:
+        await service.stop(grace=1.0)
+
+
+async def test_the_same_qemu_connected_again_drops_the_guest_devices_too(
+    tmp_path: Path, qemu: ScriptedQemu
+) -> None:
+    """A RESET sent while the link was down is lost: a reconnect cannot trust the guest's
+    registrations, even to the same QEMU."""
+    service = await start_service(tmp_path, qemu.path, disconnect_grace=30.0)
+    try:
+        await wait_until(lambda: service.vmm is not None and service.vmm.connects == 1)
+        async with qmp_client(service.socket_path) as client:
+            await client.execute("device-add", GUEST_DEVICE)
+            with client.listener(names=("DEVICE_DELETED",)) as listener:
+                qemu.hang_up()
+                deleted = await asyncio.wait_for(listener.get(), TIMEOUT)
+            assert dict(deleted["data"]) == {"name": "vnet1", "reason": "vmm-reconnected"}
+        assert service.vmm is not None and service.vmm.connects == 2
     finally:
         await service.stop(grace=1.0)

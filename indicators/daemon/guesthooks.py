@@ -78,9 +78,10 @@ class GuestHooks:
         if self.engine is not None:
             self.engine.reset_suppression()
 
-    def replaced(self) -> None:
-        """A different QEMU answers now: its guest registered nothing yet."""
-        self.registry.drop_guest("qemu-replaced")
+    def replaced(self, reason: str) -> None:
+        """Connected again (``reason``: ``qemu-replaced`` or ``vmm-reconnected``): the
+        guest's registrations cannot be trusted any more."""
+        self.registry.drop_guest(reason)
 
     def rebooting(self) -> None:
         """The guest asked for a reboot and QEMU paused it (``manage_reboot``): drop the

@@ -10,8 +10,9 @@ turns what it hears into calls on a :class:`VmmHooks` (the daemon):
   cancelled;
 - ``RESET``: the guest's registrations are void: drop its devices, clear
   adapter state (suppression);
-- a different QEMU (another pid) behind the socket after a reconnect: drop
-  the guest's devices before notifications are accepted again;
+- a reconnect: drop the guest's devices before notifications are accepted
+  again (another QEMU's guest registered nothing; the same QEMU's guest may
+  have reset while the link was down);
 - ``manage_reboot``: at every connect ``set-action`` makes a guest reboot
   pause the VM (``SHUTDOWN`` reason ``guest-reset``) instead of resetting
   it; the hooks then drop the guest's devices and reset and continue the
@@ -91,8 +92,9 @@ class VmmHooks(Protocol):
     def reset(self) -> None:
         """The guest was reset: drop its devices, clear adapter state."""
 
-    def replaced(self) -> None:
-        """A different QEMU answers on the socket: drop the old guest's devices."""
+    def replaced(self, reason: str) -> None:
+        """Connected again: ``"qemu-replaced"`` (another QEMU) or ``"vmm-reconnected"``
+        (the same one, whose guest may have reset unseen): drop the guest's devices."""
 
     def rebooting(self) -> None:
         """The guest rebooted and QEMU paused it (``manage_reboot``): drop its devices,
@@ -256,8 +258,11 @@ class VmmLink:
             self.connects += 1
             peer = self.peer()
             pid = peer.pid if peer is not None else None
-            if self.connects > 1 and (pid is None or pid != self._qemu_pid):
-                self.hooks.replaced()  # before anything is released: a new guest
+            if self.connects > 1:
+                # Before anything is released.  The same QEMU may have reset its guest
+                # while the link was down (a RESET nobody heard): its devices go too.
+                same = pid is not None and pid == self._qemu_pid
+                self.hooks.replaced("vmm-reconnected" if same else "qemu-replaced")
             self._qemu_pid = pid
             if self.config.manage_reboot:
                 await self._own_reboot(client)
