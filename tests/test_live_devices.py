@@ -508,3 +508,23 @@ async def test_a_batch_across_devices_loses_only_the_removed_devices_part(
     assert first is not None and third is not None
     assert (first.code, third.code) == ("REMOVED", "REMOVED")
     assert not is_set(service, NEW_DSCI, 2) and not is_set(service, NEW_DSCI, 3)
+
+
+async def test_a_managing_peer_of_another_uid_is_held_to_the_device_ranges(world: Path) -> None:
+    control = {
+        "allowed_uids": [0, NOBODY],
+        "mode": 0o666,
+        "manager_uids": [NOBODY],
+        "device_ranges": [[0x30000, 0x30200]],
+    }
+    service = await start_service(world, control=control)
+    try:
+        outside = ["device-add", new_device("far", device_indicator=0x40000)]
+        inside = ["device-add", new_device()]
+        replies = await foreign_client(service.socket_path, NOBODY, [outside, inside])
+        refusal = replies[1]["error"]["desc"]
+        assert "'far'.device_indicator" in refusal and "device_ranges" in refusal, refusal
+        assert replies[2] == {"return": {"name": "vnet1", "lifetime": "guest"}}
+        assert "far" not in service.model.devices
+    finally:
+        await service.stop(grace=1.0)
