@@ -273,6 +273,12 @@ class VmmLink:
             self.hooks.available()
             status = str(reply["status"]) if isinstance(reply, dict) else "unknown"
             self._follow_status(status)
+            if self.owns_reboot and status == "shutdown":
+                # Paused by our set-action while nobody listened: a reboot or a poweroff,
+                # QEMU no longer says which.  Leave the decision to a person.
+                log.warning("QEMU at %s is paused after a guest reboot or poweroff the daemon "
+                            "missed; guest-reset restarts the guest, quit ends it",
+                            self.config.qmp_socket)  # fmt: skip
             self.hooks.release("disconnected")
             self._connected.set()
             self._report("connected", logging.INFO, "connected to QEMU at %s (%s)",
