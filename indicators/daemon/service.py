@@ -11,7 +11,13 @@
   restarted behind the same socket;
 - systemd notification and signals: SIGTERM/SIGINT stop gracefully (stop
   accepting, apply every pending notification, exit), SIGHUP reloads the
-  config when the change is safe.
+  config's devices (a diff of the live set) and retry policy.
+
+The live device set is a :class:`~indicators.daemon.registry.DeviceRegistry`
+the engine, the write guard, the eventfds and the commands share; the holds
+are a :class:`~indicators.daemon.holds.Holds`.  A guest reset (the RESET
+event, a new QEMU, a guest reboot QEMU hands over with ``manage_reboot``,
+the ``guest-reset`` command) removes the guest-lifetime devices first.
 
     service = Service(load_config("guest.toml"))
     await service.run()      # until SIGTERM, SIGINT or the quit command
@@ -30,17 +36,20 @@ from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
 from ..errors import ResourceError
-from ..memop import MemopBackend
-from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
-from .commands import FailureBatch, describe_device, register_commands
+from .commands import register_commands
 from .eventfds import EventfdSources
+from .guesthooks import GuestHooks
 from .guestram import GuestRam, load_storage_keys, refresh_storage_keys_forever
+from .holds import Holds
 from .libvirt import resolve as resolve_libvirt
 from .loglimit import LogLimiter, limit_repeats
 from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
+from .queries import describe_adapters, describe_stats
+from .registry import DeviceRegistry, RegistryError
 from .reloadlog import device_changes
+from .reports import FailureBatch
 from .runtime import freeze_long_lived, gil_handback
 from .sdnotify import Notifier
 from .vmm import VmmLink
@@ -59,14 +68,25 @@ class Service:
     def __init__(self, config: Config, *, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.model = build_model(config)
+        control = config.control
+        #: The live device set (config devices and those added at run time).
+        self.registry = DeviceRegistry(
+            build_model(config),
+            config.backend.memory_size,
+            ranges=control.device_ranges if control else None,
+            announce=self._announce,
+        )
         self.wiring: Wiring | None = None
         self.engine: Engine
         self.eventfds: EventfdSources
         self.server: QmpServer | None = None
         self.vmm: VmmLink | None = None
         self.notifier = Notifier()
-        self._holds: set[str] = set()
+        self.holds = Holds()
+        #: What the VMM link's news does (holds, resets, reboots).
+        self.hooks = GuestHooks(
+            self.holds, self.registry, report=self._announce, on_attached=self._attached
+        )
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._skeys_task: asyncio.Task[None] | None = None
@@ -76,6 +96,11 @@ class Service:
         self._frozen = False  # start-up objects kept out of garbage collection (run only)
         #: The metrics endpoint's port (useful with port 0), once started.
         self.metrics_port: int | None = None
+
+    @property
+    def model(self) -> AdapterModel:
+        """The live adapter model (the registry's)."""
+        return self.registry.model
 
     @property
     def socket_path(self) -> str:
@@ -106,8 +131,8 @@ class Service:
         vmm_config, backend_config = resolve_libvirt(self.config)  # [vmm] libvirt = "NAME"
         if vmm_config is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
-            self.vmm = VmmLink(
-                vmm_config, self, grace=vmm_config.disconnect_grace, scratch_dir=scratch
+            self.vmm = self.hooks.vmm = VmmLink(
+                vmm_config, self.hooks, grace=vmm_config.disconnect_grace, scratch_dir=scratch
             )
             self.vmm.start()
         if self.vmm is not None and getattr(self.config.backend, "ram", None) == "auto":
@@ -123,17 +148,20 @@ class Service:
             self._drop_privileges()
         # One failing notification per vector, thousands a second: a few lines and a count.
         limit_repeats(logging.getLogger(Engine.__module__), LogLimiter(burst=10, period=60.0))
-        self.engine = Engine(*self._confined(self.model), self.wiring.sink, self.config.retry)
+        self.engine = Engine(
+            self.model, self.registry.confine(self.wiring.backend), self.wiring.sink,
+            self.config.retry,
+        )  # fmt: skip
         self.engine.subscribe(self._on_engine_event)
-        for reason in self._holds:
-            self.engine.pause()
-            log.info("holding notifications: %s", reason)
+        self.holds.bind(self.engine)
         control = self.config.control
         self.eventfds = EventfdSources(
             self.engine,
             control.max_eventfds if control else 1024,
             control.max_eventfds_per_client if control else 256,
+            managers=frozenset(control.manager_uids) if control and control.manager_uids else None,
         )
+        self.registry.bind(self.engine, self.eventfds)
         self.server = QmpServer(
             self.socket_path,
             mode=control.mode if control else 0o600,
@@ -199,6 +227,7 @@ class Service:
             self.eventfds.close()
         if self._skeys_task is not None:
             self._skeys_task.cancel()
+        await self.hooks.close()
         if self.vmm is not None:
             await self.vmm.stop()
         if self._metrics is not None:
@@ -255,7 +284,8 @@ class Service:
     # ------------------------------------------------------------ reload
 
     def reload(self) -> str:
-        """Re-read the config; apply it when safe, otherwise keep the old one and say why."""
+        """Re-read the config; apply its devices as a diff of the live set (and its retry
+        policy), or keep everything and say why."""
         if self.config_path is None:
             return self._reload_refused("the config did not come from a file")
         try:
@@ -265,85 +295,51 @@ class Service:
         for section in ("backend", "control", "vmm"):
             if getattr(new, section) != getattr(self.config, section):
                 return self._reload_refused(f"the [{section}] section changed; restart instead")
-        model = build_model(new)
-        for device, vector in [(e["device"], e["vector"]) for e in self.eventfds.describe()]:
-            target = model.devices.get(str(device))
-            if target is None or int(str(vector)) >= target.vectors:
-                return self._reload_refused(
-                    f"device {device!r} vector {vector} has an eventfd attached but is gone"
-                )
-        if self.engine.pending:
-            return self._reload_refused("notifications are pending; try again")
-        old = self.engine
-        engine = Engine(*self._confined(model), old.sink, new.retry, old.stats)
-        engine.simm, engine.nimm = old.simm, old.nimm
-        for listener in old._listeners:
-            engine.subscribe(listener)
-        if old.paused:
-            engine.pause()
-        if old.unavailable is not None:
-            engine.set_unavailable(old.unavailable)
-        self.engine = self.eventfds.engine = engine
-        old_model, self.config, self.model = self.model, new, model
-        for line in device_changes(old_model, model):
+        before = build_model(self.config)
+        try:
+            self.registry.apply_config(new.devices)
+        except RegistryError as exc:
+            return self._reload_refused(str(exc))
+        self.engine.policy = new.retry
+        self.config = new
+        for line in device_changes(before, build_model(new)):
             log.info("reload: %s", line)
         if self._frozen:
-            del old  # not held here while the collector looks for what it pinned
-            freeze_long_lived()
-        log.info("config reloaded: %d devices", len(model.devices))
+            freeze_long_lived()  # the new devices' objects are long-lived too
+        log.info("config reloaded: %d devices", len(self.model.devices))
         return "reloaded"
-
-    def _confined(self, model: AdapterModel) -> tuple[AdapterModel, MemopBackend]:
-        """The model and a backend that may change only the model's bits."""
-        assert self.wiring is not None
-        return model, ConfinedBackend(self.wiring.backend, model.allowed_bits())
 
     def _reload_refused(self, why: str) -> str:
         log.warning("config reload refused, keeping the old config: %s", why)
         return f"refused: {why}"
 
-    # ---------------------------------------------------- VMM link hooks
+    # ---------------------------------------------------- for the commands
 
-    def hold(self, reason: str) -> None:
-        """Hold notifications for ``reason``."""
-        self._holds.add(reason)
-        engine = self._engine()
-        if engine is not None:
-            engine.pause()
+    async def guest_reset(self, reason: str) -> list[str]:
+        """Drop the guest's devices, then reset and continue the VM (see :class:`GuestHooks`)."""
+        return await self.hooks.guest_reset(reason)
 
-    def release(self, reason: str) -> None:
-        """Drop ``reason``; resume when nothing holds any more."""
-        self._holds.discard(reason)
-        engine = self._engine()
-        if not self._holds and engine is not None:
-            engine.resume()
+    def may_manage(self, peer: PeerCredentials) -> bool:
+        """Whether ``peer`` may add and remove devices and reset the guest."""
+        control = self.config.control
+        uids = set(control.manager_uids) if control else set()
+        gids = set(control.manager_gids) if control else set()
+        if not uids and not gids:
+            uids = {0, os.getuid()}
+        return peer.uid in uids or peer.gid in gids
 
-    def unavailable(self, reason: str) -> None:
-        """QEMU is gone: fail pending and new notifications."""
-        engine = self._engine()
-        if engine is not None:
-            engine.set_unavailable(reason)
-            if self._holds:
-                engine.pause()
+    def describe_adapters(self) -> list[dict[str, Any]]:
+        """``query-adapters``."""
+        return describe_adapters(self.engine, self.registry)
 
-    def available(self) -> None:
-        """QEMU is back."""
-        engine = self._engine()
-        if engine is not None:
-            engine.set_available()
+    def describe_stats(self) -> dict[str, Any]:
+        """``query-stats``."""
+        generation = self.wiring.backend.generation if self.wiring else None
+        return describe_stats(self.engine, self.eventfds, self.holds, self.vmm, generation)
 
-    def reset(self) -> None:
-        """The guest was reset: clear suppression state."""
-        engine = self._engine()
-        if engine is not None:
-            engine.reset_suppression()
+    # ---------------------------------------------------- a new QEMU
 
-    def vmm_state(self, status: str, data: dict[str, Any]) -> None:
-        """Broadcast ``VMM_STATE``."""
-        if self.server is not None:
-            self.server.broadcast_event("VMM_STATE", {"status": status, **data})
-
-    async def attached(self) -> None:
+    async def _attached(self) -> None:
         """QEMU (re)connected: with ``ram = "auto"``, map its RAM file if it is a new one.
 
         A QEMU restarted behind the same QMP socket has a new RAM file (or a
@@ -360,7 +356,7 @@ class Service:
         old, self.wiring = self.wiring, Wiring(new.backend, self.wiring.sink, new.fds)
         engine = self._engine()
         if engine is not None:
-            engine.backend = self._confined(self.model)[1]
+            engine.backend = self.registry.confine(new.backend)
             engine.reset_suppression()
         old.close()
         log.info("QEMU restarted: guest RAM re-mapped from %s", path)
@@ -397,6 +393,10 @@ class Service:
                 batch = self._failed[event.error.device] = FailureBatch()
             batch.add(event.error)
 
+    def _announce(self, name: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.broadcast_event(name, data)
+
     def _report_failures(self) -> None:
         failed, self._failed = self._failed, {}
         if self.server is None:
@@ -411,40 +411,6 @@ class Service:
         if not uids and not gids:
             uids = {0, os.getuid()}
         return peer.uid in uids or peer.gid in gids  # the server logs a refusal
-
-    def describe_adapters(self) -> list[dict[str, Any]]:
-        """``query-adapters``: config, live bits and suppression per adapter."""
-        engine = self.engine
-        result = []
-        for adapter in engine.model.adapters.values():
-            mask = 0x80 >> adapter.isc
-            result.append(
-                {
-                    "id": adapter.id,
-                    "name": adapter.name,
-                    "isc": adapter.isc,
-                    "kind": adapter.kind,
-                    "suppressible": adapter.suppressible,
-                    "simm": bool(engine.simm & mask),
-                    "nimm": bool(engine.nimm & mask),
-                    "devices": [describe_device(d, engine.backend.read) for d in adapter.devices],
-                }
-            )
-        return result
-
-    def describe_stats(self) -> dict[str, Any]:
-        """``query-stats``."""
-        return {
-            **self.engine.stats.as_dict(),
-            "pending": self.engine.pending,
-            "paused": self.engine.paused,
-            "holds": sorted(self._holds),
-            "unavailable": self.engine.unavailable,
-            "eventfd-signals": self.eventfds.signals,
-            "eventfds": self.eventfds.describe(),
-            "vmm": self.vmm.status if self.vmm else None,
-            "kernel-generation": self.wiring.backend.generation if self.wiring else None,
-        }
 
 
 def _version_tuple() -> tuple[int, int, int]:
