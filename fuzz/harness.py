@@ -13,13 +13,7 @@ import json
 import tomllib
 
 from indicators.config import ConfigError, parse_config
-from indicators.daemon.commands import (
-    AdapterArgs,
-    AisModeArgs,
-    DetachArgs,
-    EventfdArgs,
-    NotifyArgs,
-)
+from indicators.daemon.commands import COMMANDS, DeviceAddArgs, device_spec
 from indicators.daemon.qmp_wire import (
     FramingError,
     JsonFramer,
@@ -32,14 +26,8 @@ from indicators.daemon.qmp_wire import (
     validate_arguments,
 )
 
-MODELS = {
-    "notify": NotifyArgs,
-    "set-ais-mode": AisModeArgs,
-    "reset-adapter": AdapterArgs,
-    "attach-eventfd": EventfdArgs,
-    "detach-eventfd": DetachArgs,
-    "query-stats": None,
-}
+#: Every daemon command's argument model, from the one command table.
+MODELS = {spec.name: spec.args for spec in COMMANDS}
 
 
 def _check_reply(reply: dict[str, object]) -> None:
@@ -65,7 +53,9 @@ def decoder(data: bytes, max_message: int = 4096) -> int:
             echo, request = parse_request(frame)
             if isinstance(request, Request) and request.command in MODELS:
                 try:
-                    validate_arguments(MODELS[request.command], request.arguments)
+                    args = validate_arguments(MODELS[request.command], request.arguments)
+                    if isinstance(args, DeviceAddArgs):  # the device itself: the config's model
+                        device_spec(dict(args.model_extra or {}))
                     _check_reply(return_reply({}, echo))
                 except QmpCommandError as exc:
                     _check_reply(error_reply(exc, echo))

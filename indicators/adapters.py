@@ -6,7 +6,9 @@ and mask of its dsci bit, and where its summary bit is; devices are grouped
 into :class:`Adapter` objects the way QEMU groups them (a type and an ISC,
 adapter id ``type << 3 | isc``; KVM routes carry their own adapter id).
 
-Addresses here are final: the engine only looks them up.
+Addresses here are final: the engine only looks them up.  The model is
+live: :meth:`AdapterModel.add` and :meth:`AdapterModel.remove` change the
+device set at run time (the daemon's device registry calls them).
 """
 
 from __future__ import annotations
@@ -80,6 +82,36 @@ class AdapterModel:
         except KeyError:
             raise KeyError(f"unknown device {name!r}") from None
 
+    def add(self, spec: DeviceConfig) -> Device:
+        """Resolve ``spec`` and add it (on its adapter, made if new); the caller validated it."""
+        adapter_id, kind, suppressible = spec.adapter_identity()
+        adapter = self.adapters.get(adapter_id)
+        if adapter is None:
+            adapter = self.adapters[adapter_id] = Adapter(adapter_id, spec.isc, kind, suppressible)
+        device = Device(
+            name=spec.name,
+            kind=spec.kind,
+            adapter=adapter,
+            key=spec.key,
+            dsci=[Bit.at(bit) for bit in spec.dsci_bits()],
+            summary=Bit.at(spec.summary_bit()),
+            summary_test=spec.summary_test,
+            config=spec,
+        )
+        adapter.devices.append(device)
+        self.devices[spec.name] = device
+        return device
+
+    def remove(self, name: str) -> Device:
+        """Take device ``name`` out (and its adapter when it was the last on it)."""
+        device = self.device(name)
+        del self.devices[name]
+        adapter = device.adapter
+        adapter.devices.remove(device)
+        if not adapter.devices:
+            del self.adapters[adapter.id]
+        return device
+
     def allowed_bits(self) -> dict[int, int]:
         """``{gaddr: mask}`` of every configured dsci and summary bit."""
         allowed: dict[int, int] = {}
@@ -95,23 +127,7 @@ class AdapterModel:
 
 def build_model(config: Config) -> AdapterModel:
     """Resolve a validated config (see :func:`indicators.config.parse_config`)."""
-    adapters: dict[int, Adapter] = {}
-    devices: dict[str, Device] = {}
+    model = AdapterModel({}, {})
     for spec in config.devices:
-        adapter_id, kind, suppressible = spec.adapter_identity()
-        adapter = adapters.get(adapter_id)
-        if adapter is None:
-            adapter = adapters[adapter_id] = Adapter(adapter_id, spec.isc, kind, suppressible)
-        device = Device(
-            name=spec.name,
-            kind=spec.kind,
-            adapter=adapter,
-            key=spec.key,
-            dsci=[Bit.at(bit) for bit in spec.dsci_bits()],
-            summary=Bit.at(spec.summary_bit()),
-            summary_test=spec.summary_test,
-            config=spec,
-        )
-        adapter.devices.append(device)
-        devices[spec.name] = device
-    return AdapterModel(devices, adapters)
+        model.add(spec)
+    return model

@@ -318,10 +318,28 @@ DeviceConfig = Annotated[VirtioCcwDevice | ZpciDevice | KvmRouteDevice, Field(di
 class ControlConfig(_Model):
     """The QMP-speaking control socket."""
 
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> ControlConfig:
+        for start, end in self.device_ranges or ():
+            if start >= end:
+                raise ValueError(f"device_ranges: [{start:#x}, {end:#x}) is empty (start >= end)")
+        return self
+
     socket: str = Field(default="/run/indicators/indicators.sock")
     mode: int = Field(default=0o600, ge=0, le=0o777)
     allowed_uids: list[int] = Field(default_factory=list)
     allowed_gids: list[int] = Field(default_factory=list)
+    manager_uids: list[int] = Field(
+        default_factory=list,
+        description="uids that may manage (device-add, device-del, guest-reset); with "
+        "manager_gids empty too: root and the daemon's own uid",
+    )
+    manager_gids: list[int] = Field(default_factory=list, description="gids that may manage")
+    device_ranges: list[tuple[Gaddr, Gaddr]] | None = Field(
+        default=None,
+        description="[start, end) guest address ranges that devices added at run time must "
+        "lie in (indicator and summary bytes); none: anywhere in guest memory",
+    )
     max_message: int = Field(default=65536, ge=256)
     max_eventfds: int = Field(default=1024, ge=0)
     max_eventfds_per_client: int = Field(default=256, ge=0)
@@ -361,6 +379,11 @@ class VmmConfig(_Model):
     )
     skeys_refresh: float | None = Field(
         default=None, gt=0, description="seconds between dump-skeys refreshes; none: never"
+    )
+    manage_reboot: bool = Field(
+        default=False,
+        description="own the guest's reboot: QEMU pauses on a guest reboot (set-action), "
+        "the daemon drops the guest's devices, then resets and continues the VM",
     )
 
     @model_validator(mode="after")

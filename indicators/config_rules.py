@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "backend_problems",
     "check",
+    "device_problems",
     "ram_file_problem",
     "storage_key_problems",
 ]
@@ -71,6 +72,11 @@ def check(
     problems += _summary_iscs(devices)
     problems += _adapter_identities(devices)
     return problems
+
+
+def device_problems(memory_size: int, devices: Sequence[DeviceConfig]) -> list[Problem]:
+    """The rules between devices and guest memory alone (the daemon's live set uses them)."""
+    return _placement(memory_size, devices) + check(None, devices, has_vmm=False)
 
 
 def backend_problems(

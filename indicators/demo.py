@@ -22,11 +22,11 @@ from typing import Any, NamedTuple
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from .cli import format_status
 from .config import Config, parse_config
 from .daemon.service import Service
 from .memop import EmulatedBackend
 from .simguest import SimulatedGuest
+from .statusview import format_status
 from .testing.oracle import DeliveryOracle, Verdict, oracle_for, rounds_settle
 
 __all__ = ["DEMO_CONFIG", "demo_config", "run_demo"]

@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE, isc_mask
+from .abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE
 from .adapters import Adapter, AdapterModel, Device
 from .batch import BatchWriter
 from .bitor import BitSetter
@@ -54,6 +54,7 @@ from .memop import MemopBackend
 from .notification import NotifyError, Target, Ticket
 from .sinks import InterruptSink
 from .stats import EngineStats
+from .suppression import Suppression
 
 __all__ = ["Engine", "EngineEvent", "NotifyError"]
 
@@ -122,14 +123,14 @@ class Engine:
     ) -> None:
         self.model = model
         self.sink = sink
-        self.policy = policy or RetryPolicy()
         self.stats = stats or EngineStats()
         #: The cmpxchg retry loops (they count into ``stats``).
-        self.setter = BitSetter(backend, self.policy, self.stats)
+        self.setter = BitSetter(backend, policy or RetryPolicy(), self.stats)
         self.writer = BatchWriter(self.setter, self.stats, self._failed, self._interrupt)
-        self.simm = 0  # per-ISC masks, 0x80 >> isc
-        self.nimm = 0
+        #: Adapter-interruption suppression (when the sink does not apply it itself).
+        self.suppression = Suppression()
         self._pending: list[Ticket] = []
+        self._applying: list[Ticket] = []  # the batch a flush is applying now
         self._flusher: asyncio.Task[None] | None = None
         self._eager = False  # a batch is being applied in a caller's callback
         self._streak_task: asyncio.Task[Any] | None = None  # the task of the last eager batch
@@ -154,6 +155,15 @@ class Engine:
     @backend.setter
     def backend(self, backend: MemopBackend) -> None:
         self.setter.backend = backend
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy of the cmpxchg loops (a reload may replace it)."""
+        return self.setter.policy
+
+    @policy.setter
+    def policy(self, policy: RetryPolicy) -> None:
+        self.setter.policy = policy
 
     @property
     def set_counts(self) -> Counter[tuple[str, int]] | None:
@@ -230,11 +240,73 @@ class Engine:
             self._flusher = asyncio.create_task(self._flush())
         return future
 
+    # ------------------------------------------------------- the live device set
+
+    def add_device(self, device: Device) -> None:
+        """Accept notifications for ``device`` (already in :attr:`model`) from now on."""
+        self._targets[device.name] = Target.all_of(device)
+
+    def remove_devices(self, names: Iterable[str], reason: str) -> int:
+        """Stop accepting notifications for ``names``; fail their queued ones.
+
+        From this call on a notification of these devices is refused as an
+        unknown device.  Those accepted but still queued (the engine is held,
+        or they wait behind a running batch) fail with code ``REMOVED`` and
+        change nothing; those in the batch being applied now complete (wait
+        for them with :meth:`settle`).  Returns how many queued ones failed.
+        """
+        gone = {self._targets.pop(name)[0].device for name in names if name in self._targets}
+        if not gone:
+            return 0
+        failed = 0
+        kept: list[Ticket] = []
+        for ticket in self._pending:
+            keep = [i for i, entry in enumerate(ticket.entries) if entry.device not in gone]
+            if len(keep) == len(ticket.entries):
+                kept.append(ticket)
+                continue
+            for index, entry in enumerate(ticket.entries):
+                if entry.device in gone:
+                    why = f"device removed ({reason}) before it was applied"
+                    error = NotifyError(entry.device.name, entry.vector, "REMOVED", why)
+                    ticket.errors[index] = error
+                    self.stats.fail(error.code, entry.device.adapter.id)
+                    self._emit(EngineEvent("failed", entry.device.adapter, error))
+                    failed += 1
+            if not keep:
+                ticket.resolve()
+                continue
+            kept.append(self._rest_of(ticket, keep))
+        self._pending = kept
+        return failed
+
+    @staticmethod
+    def _rest_of(ticket: Ticket, keep: list[int]) -> Ticket:
+        """A ticket for the entries ``keep`` of ``ticket`` that resolves ``ticket`` with them."""
+        rest = Ticket([ticket.entries[index] for index in keep])
+        rest.accepted = ticket.accepted
+        rest.future = asyncio.get_running_loop().create_future()
+
+        def done(future: asyncio.Future[list[NotifyError | None]]) -> None:
+            for mine, index in enumerate(keep):
+                ticket.errors[index] = future.result()[mine]
+            ticket.resolve()
+
+        rest.future.add_done_callback(done)
+        return rest
+
+    async def settle(self) -> None:
+        """Wait until the batch being applied now (if any) has been applied or has failed."""
+        futures = [t.future for t in self._applying if t.future is not None and not t.future.done()]
+        if futures:
+            await asyncio.wait(futures)
+
     def check_target(self, name: str, vector: int) -> None:
         """Raise ValueError naming the problem unless ``name``/``vector`` exists."""
-        device = self.model.devices.get(name)
-        if device is None:
+        targets = self._targets.get(name)
+        if targets is None:
             raise ValueError(f"unknown device {name!r}")
+        device = targets[0].device
         if not 0 <= vector < len(device.dsci):
             raise ValueError(
                 f"device {name!r} has vectors 0..{len(device.dsci) - 1}; vector {vector} is not one"
@@ -293,19 +365,32 @@ class Engine:
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
 
+    @property
+    def simm(self) -> int:
+        """The suppression state's single-mode mask (``0x80 >> isc`` per ISC)."""
+        return self.suppression.simm
+
+    @simm.setter
+    def simm(self, mask: int) -> None:
+        self.suppression.simm = mask
+
+    @property
+    def nimm(self) -> int:
+        """The suppression state's no-interrupt mask."""
+        return self.suppression.nimm
+
+    @nimm.setter
+    def nimm(self, mask: int) -> None:
+        self.suppression.nimm = mask
+
     def set_ais_mode(self, isc: int, mode: int) -> None:
         """The guest's SIC re-arm: mode ALL (0) clears simm and nimm, SINGLE (1) sets simm."""
-        mask = isc_mask(isc)
         if mode not in (KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE):
             raise ValueError(f"AIS mode {mode} is neither ALL (0) nor SINGLE (1)")
         if self.sink.handles_suppression:
             self.sink.set_ais_mode(isc, mode)
             return
-        self.nimm &= ~mask
-        if mode == KVM_S390_AIS_MODE_ALL:
-            self.simm &= ~mask
-        else:
-            self.simm |= mask
+        self.suppression.set_mode(isc, mode)
 
     def reset_isc(self, isc: int) -> None:
         """Clear ``isc``'s suppression state wherever it is kept: the engine's masks,
@@ -313,15 +398,13 @@ class Engine:
 
         Raises OSError when the kernel refuses; the engine's masks are clear by then.
         """
-        mask = isc_mask(isc)
-        self.simm &= ~mask
-        self.nimm &= ~mask
+        self.suppression.reset(isc)
         if self.sink.handles_suppression:
             self.sink.reset_ais(isc)
 
     def reset_suppression(self) -> None:
         """Clear every ISC's simm and nimm, as a FLIC reset does."""
-        self.simm = self.nimm = 0
+        self.suppression.reset_all()
 
     # ------------------------------------------------------------ the batches
 
@@ -351,6 +434,7 @@ class Engine:
             raise
         else:
             future = ticket.future = asyncio.get_running_loop().create_future()
+            self._applying = batch  # half applied: a removal waits for it (settle)
             self._flusher = asyncio.create_task(self._flush(_Resumed(coro, waiting), batch))
             return future
         finally:
@@ -376,11 +460,14 @@ class Engine:
             self._flusher = None
 
     async def _settle(self, batch: list[Ticket], work: Awaitable[None]) -> None:
+        self._applying = batch
         try:
             await work
         except BaseException as exc:  # never leave a caller waiting
             self._fail_internal(batch, exc)
             raise
+        finally:
+            self._applying = []
         self._settled(batch)
 
     def _settled(self, batch: list[Ticket]) -> None:
@@ -420,14 +507,14 @@ class Engine:
 
     def _interrupt(self, adapter: Adapter) -> None:
         stats = self.stats
-        if adapter.suppressible and not self.sink.handles_suppression:
-            mask = isc_mask(adapter.isc)
-            if self.nimm & mask:
-                stats.suppressed(adapter.id)
-                self._emit(EngineEvent("suppressed", adapter))
-                return
-            if self.simm & mask:
-                self.nimm |= mask
+        if (
+            adapter.suppressible
+            and not self.sink.handles_suppression
+            and not self.suppression.admit(adapter.isc)
+        ):
+            stats.suppressed(adapter.id)
+            self._emit(EngineEvent("suppressed", adapter))
+            return
         try:
             self.sink.inject(adapter)
         except OSError as exc:

@@ -49,28 +49,16 @@ from daemon_helpers import (
 from qemu.qmp import ConnectError, ExecuteError, QMPError
 
 from indicators.config import parse_config
+from indicators.daemon.commands import COMMANDS as COMMAND_TABLE
 from indicators.daemon.commands import FailureBatch, failure_message
+from indicators.daemon.qmp_server import QmpServer
 from indicators.daemon.service import Service
 from indicators.engine import NotifyError
 from indicators.guestmem import GuestMemory
 from indicators.memop import EmulatedBackend
 
 NET_ADAPTER, PCI_ADAPTER, ROUTE_ADAPTER, LOCKED_ADAPTER = 3, 1 << 3 | 2, 0x40, 4
-COMMANDS = {
-    "notify",
-    "query-adapters",
-    "query-stats",
-    "set-ais-mode",
-    "reset-adapter",
-    "attach-eventfd",
-    "detach-eventfd",
-    "quit",
-    "getfd",
-    "closefd",
-    "query-version",
-    "query-commands",
-    "qmp_capabilities",
-}
+COMMANDS = {spec.name for spec in COMMAND_TABLE} | set(QmpServer.BUILTINS)
 
 
 # ------------------------------------------------------------------ fixtures

@@ -23,15 +23,15 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
 import harness
 
+from indicators.daemon.qmp_server import QmpServer
+
 EXAMPLES = int(os.environ.get("INDICATORS_FUZZ_EXAMPLES", "300"))
 CORPUS = Path(__file__).resolve().parent.parent / "fuzz" / "corpus"
 
-COMMANDS = [
-    "notify", "query-adapters", "query-stats", "set-ais-mode", "reset-adapter",
-    "attach-eventfd", "detach-eventfd", "getfd", "closefd", "query-commands",
-    "query-version", "qmp_capabilities", "no-such-command", "",
-]  # fmt: skip
-NAMES = ["device", "vector", "isc", "mode", "adapter", "fdname", "extra", ""]
+# The daemon's command table and the server's built-ins: a new command is fuzzed.
+COMMANDS = [*harness.MODELS, *QmpServer.BUILTINS, "no-such-command", ""]
+NAMES = ["device", "vector", "isc", "mode", "adapter", "fdname", "extra", "name", "kind",
+         "lifetime", "vectors", "summary_indicator", "device_indicator", ""]  # fmt: skip
 
 scalars = st.one_of(
     st.none(),

@@ -171,6 +171,13 @@ class EventfdSources:
         del self._sources[(device, vector)]
         self._close(source)
 
+    def detach_device(self, device: str) -> int:
+        """Detach and close every eventfd of ``device`` (it is being removed); how many."""
+        mine = [key for key in self._sources if key[0] == device]
+        for key in mine:
+            self._close(self._sources.pop(key))
+        return len(mine)
+
     def _close(self, source: _Source) -> None:
         asyncio.get_running_loop().remove_reader(source.fd)
         os.close(source.fd)
@@ -199,7 +206,7 @@ class EventfdSources:
         # reported by the engine's listeners.  Only a queued one is tracked.
         try:
             outcome = self.engine.notify_nowait(((source.device, source.vector),))
-        except ValueError as exc:  # the device left in a reload
+        except ValueError as exc:  # not expected: a removed device's eventfds are closed
             log.debug("eventfd notify of %s/%d refused: %s", source.device, source.vector, exc)
             return
         if not isinstance(outcome, list):

@@ -282,6 +282,9 @@ class QmpServer:
     ) -> None:
         await self.stop()
 
+    #: The commands every server has (QMP's negotiation, introspection and fd passing).
+    BUILTINS = ("qmp_capabilities", "query-commands", "query-version", "getfd", "closefd")
+
     def _register_builtins(self) -> None:
         async def query_commands(args: None, session: QmpSession) -> object:
             return [{"name": name} for name in self._commands]

@@ -11,7 +11,13 @@
   restarted behind the same socket;
 - systemd notification and signals: SIGTERM/SIGINT stop gracefully (stop
   accepting, apply every pending notification, exit), SIGHUP reloads the
-  config when the change is safe.
+  config's devices (a diff of the live set) and retry policy.
+
+The live device set is a :class:`~indicators.daemon.registry.DeviceRegistry`
+the engine, the write guard, the eventfds and the commands share; the holds
+are a :class:`~indicators.daemon.holds.Holds`.  A guest reset (the RESET
+event, a new QEMU, a guest reboot QEMU hands over with ``manage_reboot``,
+the ``guest-reset`` command) removes the guest-lifetime devices first.
 
     service = Service(load_config("guest.toml"))
     await service.run()      # until SIGTERM, SIGINT or the quit command
@@ -30,16 +36,16 @@ from ..adapters import AdapterModel, build_model
 from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
 from ..errors import ResourceError
-from ..memop import MemopBackend
-from ..memop.guard import ConfinedBackend
 from ..metrics import EngineCollector, serve_metrics
 from .commands import FailureBatch, describe_device, register_commands
 from .eventfds import EventfdSources
 from .guestram import GuestRam, load_storage_keys, refresh_storage_keys_forever
+from .holds import Holds
 from .libvirt import resolve as resolve_libvirt
 from .loglimit import LogLimiter, limit_repeats
 from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
+from .registry import DeviceRegistry, RegistryError
 from .reloadlog import device_changes
 from .sdnotify import Notifier
 from .vmm import VmmLink
@@ -58,22 +64,35 @@ class Service:
     def __init__(self, config: Config, *, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.model = build_model(config)
+        control = config.control
+        #: The live device set (config devices and those added at run time).
+        self.registry = DeviceRegistry(
+            build_model(config),
+            config.backend.memory_size,
+            ranges=control.device_ranges if control else None,
+            announce=self._announce,
+        )
         self.wiring: Wiring | None = None
         self.engine: Engine
         self.eventfds: EventfdSources
         self.server: QmpServer | None = None
         self.vmm: VmmLink | None = None
         self.notifier = Notifier()
-        self._holds: set[str] = set()
+        self.holds = Holds()
         self._stop = asyncio.Event()
         self._stop_reason = ""
+        self._reboots: set[asyncio.Task[list[str]]] = set()
         self._skeys_task: asyncio.Task[None] | None = None
         self._failed: dict[str, FailureBatch] = {}  # this batch's failures, by device
         self._ram: GuestRam | None = None  # ram = "auto": QEMU's RAM, as it hands it over
         self._metrics: Any = None
         #: The metrics endpoint's port (useful with port 0), once started.
         self.metrics_port: int | None = None
+
+    @property
+    def model(self) -> AdapterModel:
+        """The live adapter model (the registry's)."""
+        return self.registry.model
 
     @property
     def socket_path(self) -> str:
@@ -121,17 +140,20 @@ class Service:
             self._drop_privileges()
         # One failing notification per vector, thousands a second: a few lines and a count.
         limit_repeats(logging.getLogger(Engine.__module__), LogLimiter(burst=10, period=60.0))
-        self.engine = Engine(*self._confined(self.model), self.wiring.sink, self.config.retry)
+        self.engine = Engine(
+            self.model, self.registry.confine(self.wiring.backend), self.wiring.sink,
+            self.config.retry,
+        )  # fmt: skip
         self.engine.subscribe(self._on_engine_event)
-        for reason in self._holds:
-            self.engine.pause()
-            log.info("holding notifications: %s", reason)
+        self.holds.bind(self.engine)
         control = self.config.control
         self.eventfds = EventfdSources(
             self.engine,
             control.max_eventfds if control else 1024,
             control.max_eventfds_per_client if control else 256,
+            managers=frozenset(control.manager_uids) if control and control.manager_uids else None,
         )
+        self.registry.bind(self.engine, self.eventfds)
         self.server = QmpServer(
             self.socket_path,
             mode=control.mode if control else 0o600,
@@ -250,7 +272,8 @@ class Service:
     # ------------------------------------------------------------ reload
 
     def reload(self) -> str:
-        """Re-read the config; apply it when safe, otherwise keep the old one and say why."""
+        """Re-read the config; apply its devices as a diff of the live set (and its retry
+        policy), or keep everything and say why."""
         if self.config_path is None:
             return self._reload_refused("the config did not come from a file")
         try:
@@ -260,35 +283,17 @@ class Service:
         for section in ("backend", "control", "vmm"):
             if getattr(new, section) != getattr(self.config, section):
                 return self._reload_refused(f"the [{section}] section changed; restart instead")
-        model = build_model(new)
-        for device, vector in [(e["device"], e["vector"]) for e in self.eventfds.describe()]:
-            target = model.devices.get(str(device))
-            if target is None or int(str(vector)) >= target.vectors:
-                return self._reload_refused(
-                    f"device {device!r} vector {vector} has an eventfd attached but is gone"
-                )
-        if self.engine.pending:
-            return self._reload_refused("notifications are pending; try again")
-        old = self.engine
-        engine = Engine(*self._confined(model), old.sink, new.retry, old.stats)
-        engine.simm, engine.nimm = old.simm, old.nimm
-        for listener in old._listeners:
-            engine.subscribe(listener)
-        if old.paused:
-            engine.pause()
-        if old.unavailable is not None:
-            engine.set_unavailable(old.unavailable)
-        self.engine = self.eventfds.engine = engine
-        old_model, self.config, self.model = self.model, new, model
-        for line in device_changes(old_model, model):
+        before = build_model(self.config)
+        try:
+            self.registry.apply_config(new.devices)
+        except RegistryError as exc:
+            return self._reload_refused(str(exc))
+        self.engine.policy = new.retry
+        self.config = new
+        for line in device_changes(before, build_model(new)):
             log.info("reload: %s", line)
-        log.info("config reloaded: %d devices", len(model.devices))
+        log.info("config reloaded: %d devices", len(self.model.devices))
         return "reloaded"
-
-    def _confined(self, model: AdapterModel) -> tuple[AdapterModel, MemopBackend]:
-        """The model and a backend that may change only the model's bits."""
-        assert self.wiring is not None
-        return model, ConfinedBackend(self.wiring.backend, model.allowed_bits())
 
     def _reload_refused(self, why: str) -> str:
         log.warning("config reload refused, keeping the old config: %s", why)
@@ -298,24 +303,18 @@ class Service:
 
     def hold(self, reason: str) -> None:
         """Hold notifications for ``reason``."""
-        self._holds.add(reason)
-        engine = self._engine()
-        if engine is not None:
-            engine.pause()
+        self.holds.hold(reason)
 
     def release(self, reason: str) -> None:
         """Drop ``reason``; resume when nothing holds any more."""
-        self._holds.discard(reason)
-        engine = self._engine()
-        if not self._holds and engine is not None:
-            engine.resume()
+        self.holds.release(reason)
 
     def unavailable(self, reason: str) -> None:
         """QEMU is gone: fail pending and new notifications."""
         engine = self._engine()
         if engine is not None:
             engine.set_unavailable(reason)
-            if self._holds:
+            if self.holds:
                 engine.pause()
 
     def available(self) -> None:
@@ -325,10 +324,53 @@ class Service:
             engine.set_available()
 
     def reset(self) -> None:
-        """The guest was reset: clear suppression state."""
+        """The guest was reset: drop its devices, clear suppression state."""
+        self.registry.drop_guest("guest-reset")
         engine = self._engine()
         if engine is not None:
             engine.reset_suppression()
+
+    def replaced(self) -> None:
+        """A different QEMU answers now: its guest registered nothing yet."""
+        self.registry.drop_guest("qemu-replaced")
+
+    def rebooting(self) -> None:
+        """The guest asked for a reboot and QEMU paused it (``manage_reboot``): drop the
+        guest's devices now, then reset and continue the VM once their bits are closed."""
+        task = asyncio.get_running_loop().create_task(self.guest_reset("guest-reset"))
+        self._reboots.add(task)
+        task.add_done_callback(self._reboot_done)
+
+    def _reboot_done(self, task: asyncio.Task[list[str]]) -> None:
+        self._reboots.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("resetting the guest after its reboot failed: %s", task.exception())
+
+    async def guest_reset(self, reason: str) -> list[str]:
+        """Drop every ``guest`` device (before any further notification is applied), then,
+        with a VMM link, ``system_reset`` and ``cont`` the VM; the names dropped."""
+        self.holds.hold("guest-reset")
+        try:
+            names, narrowing = self.registry.drop_guest(reason)
+            engine = self._engine()
+            if engine is not None:
+                engine.reset_suppression()
+            if narrowing is not None:
+                await narrowing  # the removed bits are closed before the guest runs again
+            if self.vmm is not None:
+                await self.vmm.reset_and_continue()
+        finally:
+            self.holds.release("guest-reset")
+        return names
+
+    def may_manage(self, peer: PeerCredentials) -> bool:
+        """Whether ``peer`` may add and remove devices and reset the guest."""
+        control = self.config.control
+        uids = set(control.manager_uids) if control else set()
+        gids = set(control.manager_gids) if control else set()
+        if not uids and not gids:
+            uids = {0, os.getuid()}
+        return peer.uid in uids or peer.gid in gids
 
     def vmm_state(self, status: str, data: dict[str, Any]) -> None:
         """Broadcast ``VMM_STATE``."""
@@ -352,7 +394,7 @@ class Service:
         old, self.wiring = self.wiring, Wiring(new.backend, self.wiring.sink, new.fds)
         engine = self._engine()
         if engine is not None:
-            engine.backend = self._confined(self.model)[1]
+            engine.backend = self.registry.confine(new.backend)
             engine.reset_suppression()
         old.close()
         log.info("QEMU restarted: guest RAM re-mapped from %s", path)
@@ -389,6 +431,10 @@ class Service:
                 batch = self._failed[event.error.device] = FailureBatch()
             batch.add(event.error)
 
+    def _announce(self, name: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.broadcast_event(name, data)
+
     def _report_failures(self) -> None:
         failed, self._failed = self._failed, {}
         if self.server is None:
@@ -409,7 +455,7 @@ class Service:
         engine = self.engine
         result = []
         for adapter in engine.model.adapters.values():
-            mask = 0x80 >> adapter.isc
+            simm, nimm = engine.suppression.state(adapter.isc)
             result.append(
                 {
                     "id": adapter.id,
@@ -417,9 +463,15 @@ class Service:
                     "isc": adapter.isc,
                     "kind": adapter.kind,
                     "suppressible": adapter.suppressible,
-                    "simm": bool(engine.simm & mask),
-                    "nimm": bool(engine.nimm & mask),
-                    "devices": [describe_device(d, engine.backend.read) for d in adapter.devices],
+                    "simm": simm,
+                    "nimm": nimm,
+                    "devices": [
+                        {
+                            **describe_device(d, engine.backend.read),
+                            "lifetime": self.registry.lifetimes.get(d.name, "persistent"),
+                        }
+                        for d in adapter.devices
+                    ],
                 }
             )
         return result
@@ -430,11 +482,12 @@ class Service:
             **self.engine.stats.as_dict(),
             "pending": self.engine.pending,
             "paused": self.engine.paused,
-            "holds": sorted(self._holds),
+            "holds": list(self.holds),
             "unavailable": self.engine.unavailable,
             "eventfd-signals": self.eventfds.signals,
             "eventfds": self.eventfds.describe(),
             "vmm": self.vmm.status if self.vmm else None,
+            "owns-reboot": self.vmm.owns_reboot if self.vmm else False,
             "kernel-generation": self.wiring.backend.generation if self.wiring else None,
         }
 

@@ -8,7 +8,14 @@ turns what it hears into calls on a :class:`VmmHooks` (the daemon):
 - ``MIGRATION`` with an active status: hold shared-RAM writes, which
   QEMU's dirty tracking would not see, until it completes, fails or is
   cancelled;
-- ``RESET``: clear adapter state (suppression);
+- ``RESET``: the guest's registrations are void: drop its devices, clear
+  adapter state (suppression);
+- a different QEMU (another pid) behind the socket after a reconnect: drop
+  the guest's devices before notifications are accepted again;
+- ``manage_reboot``: at every connect ``set-action`` makes a guest reboot
+  pause the VM (``SHUTDOWN`` reason ``guest-reset``) instead of resetting
+  it; the hooks then drop the guest's devices and reset and continue the
+  VM themselves (``system_reset``, ``cont``);
 - ``SHUTDOWN`` and a lost connection: hold, then, after a grace period
   without QEMU, refuse notifications with a clear error; reconnect with
   exponential backoff and accept again when QEMU is back (after the hooks'
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("STOP", "RESUME", "RESET", "SHUTDOWN", "MIGRATION")
 _MIGRATING = {"setup", "active", "postcopy-active", "pre-switchover", "device", "wait-unplug"}
+#: SHUTDOWN reasons that are reset requests QEMU turned into a pause (``manage_reboot``).
+_RESET_CAUSES = {"guest-reset", "host-qmp-system-reset"}
 _SKEY = re.compile(r"^\s*page=([0-9a-fA-F]+):\s*key\((\d+)\)")
 
 
@@ -79,7 +88,14 @@ class VmmHooks(Protocol):
         """The guest is back."""
 
     def reset(self) -> None:
-        """The guest was reset: clear adapter state."""
+        """The guest was reset: drop its devices, clear adapter state."""
+
+    def replaced(self) -> None:
+        """A different QEMU answers on the socket: drop the old guest's devices."""
+
+    def rebooting(self) -> None:
+        """The guest rebooted and QEMU paused it (``manage_reboot``): drop its devices,
+        then reset and continue the VM."""
 
     def vmm_state(self, status: str, data: dict[str, Any]) -> None:
         """Report a state change (the VMM_STATE event)."""
@@ -133,6 +149,10 @@ class VmmLink:
         self._grace_timer: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
         self._reported = ""  # the link state last logged (logged once per change)
+        self._qemu_pid: int | None = None  # the QEMU of the last connection
+        #: Whether QEMU accepted to pause on a guest reboot (``manage_reboot``).
+        self.owns_reboot = False
+        self._reset_seen = asyncio.Event()
         #: Seconds a dump-skeys (the command and the read) may take.
         self.skeys_timeout = 10.0
 
@@ -232,6 +252,13 @@ class VmmLink:
             reply = await client.execute("query-status")
             self._client = client
             self.connects += 1
+            peer = self.peer()
+            pid = peer.pid if peer is not None else None
+            if self.connects > 1 and (pid is None or pid != self._qemu_pid):
+                self.hooks.replaced()  # before anything is released: a new guest
+            self._qemu_pid = pid
+            if self.config.manage_reboot:
+                await self._own_reboot(client)
             await self.hooks.attached()
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
@@ -252,9 +279,23 @@ class VmmLink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await events
 
+    async def _own_reboot(self, client: QMPClient) -> None:
+        """Make a guest reboot pause the VM (QEMU >= 6.0), so the daemon resets it."""
+        self.owns_reboot = False
+        try:
+            await client.execute("set-action", {"reboot": "shutdown", "shutdown": "pause"})
+            self.owns_reboot = True
+        except QMPError as exc:
+            # An older QEMU: the RESET event still drops the guest's devices, only later.
+            log.error("manage_reboot: QEMU at %s refused set-action (%s); a guest reboot is "
+                      "seen only by its RESET event", self.config.qmp_socket, exc)  # fmt: skip
+
     async def _events(self, listener: Any) -> None:
         async for event in listener:
-            listener.clear()  # the history is unbounded otherwise
+            # The history is unbounded otherwise.  Not clear(): that empties the queue
+            # and drops the events that arrived together with this one (a guest
+            # reboot's STOP and SHUTDOWN); qemu.qmp has no public way to trim it.
+            listener._history.clear()
             self._on_event(str(event["event"]), dict(event.get("data", {})))
 
     # -------------------------------------------------------------- events
@@ -278,11 +319,16 @@ class VmmLink:
             self.hooks.release("stopped")
             self._set_status("running", data)
         elif name == "RESET":
+            self._reset_seen.set()
             self.hooks.reset()
             self._set_status("reset", data)
         elif name == "SHUTDOWN":
             self.hooks.hold("stopped")
             self._set_status("shutdown", data)
+            # Owning the reboot, every reset request arrives as a paused shutdown: the
+            # guest's own, and a system_reset someone else sent.
+            if self.owns_reboot and data.get("reason") in _RESET_CAUSES:
+                self.hooks.rebooting()
         elif name == "MIGRATION":
             if data.get("status") in _MIGRATING:
                 self.hooks.hold("migration")
@@ -301,6 +347,35 @@ class VmmLink:
         if self._client is None:
             raise RuntimeError(f"not connected to QEMU at {self.config.qmp_socket}")
         return await self._client.execute(command, arguments)
+
+    async def reset_and_continue(self, timeout: float = 10.0) -> None:
+        """Reset the VM (``system_reset``, waiting for its RESET) and continue it (``cont``).
+
+        While the link owns the reboot, QEMU turns every reset request into a
+        shutdown (that is what ``reboot: "shutdown"`` means, for ``system_reset``
+        too), so the reset action is put back for this one reset; the VM is
+        paused or its guest devices are gone by then.  RuntimeError says what
+        QEMU refused.
+        """
+        self._reset_seen.clear()
+        try:
+            if self.owns_reboot:
+                await self.execute("set-action", {"reboot": "reset"})
+            try:
+                await self.execute("system_reset")
+                # The reset happens in QEMU's main loop after the reply; cont before it
+                # would be refused ("Resetting the Virtual Machine is required").
+                await asyncio.wait_for(self._reset_seen.wait(), timeout)
+            finally:
+                if self.owns_reboot:
+                    await self.execute("set-action", {"reboot": "shutdown"})
+            await self.execute("cont")
+        except QMPError as exc:
+            raise RuntimeError(f"QEMU at {self.config.qmp_socket} refused: {exc}") from None
+        except TimeoutError:
+            raise RuntimeError(
+                f"QEMU at {self.config.qmp_socket} sent no RESET within {timeout:g} s"
+            ) from None
 
     async def ram_path(self) -> str:
         """The guest RAM's backing file: ``mem-path`` of the (first) memory backend."""

@@ -7,7 +7,8 @@ in any bit outside ``allowed`` (``{gaddr: mask}``), or a write that would
 change such a bit, is refused with ``EPERM`` before the inner backend is
 touched.  So is every size the guard cannot check: a cmpxchg of any size
 but 1, 2, 4, 8 or 16 bytes, a write (or a store check) of 0 or more than
-16 bytes.  Reads pass through.
+16 bytes.  Reads pass through.  The allowed bits follow the live device
+set (:meth:`ConfinedBackend.set_allowed`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class ConfinedBackend(MemopBackend):
         self.inner = inner
         self.allowed = dict(allowed)
         self._images: dict[tuple[int, int], int] = {}
+
+    def set_allowed(self, allowed: Mapping[int, int]) -> None:
+        """Follow a changed device set: from now on only the bits of ``allowed`` may change."""
+        self.allowed = dict(allowed)
+        self._images = {}
 
     def _image(self, gaddr: int, size: int) -> int:
         """The allowed bits of ``[gaddr, gaddr + size)`` as a big-endian integer."""
