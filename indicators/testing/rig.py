@@ -53,6 +53,15 @@ from indicators.daemon.service import Service
 from indicators.engine import Engine
 from indicators.guestmem import GuestMemory
 from indicators.testing.delivery import guest_oracle
+from indicators.testing.driver import (
+    DRIVER_GADDR,
+    DriverSlots,
+    DriverStats,
+    areas_in_block_order,
+    device_for,
+    read_registrations,
+    read_stats,
+)
 from indicators.testing.errors import RigError
 from indicators.testing.guest import FREE_GADDR, GuestState
 from indicators.testing.layout import GuestLayout, derived_storage_keys, guest_layout
@@ -143,8 +152,13 @@ class IndicatorsRig:
         memory_size: int = DEFAULT_MEMORY,
         vmm_grace: float | None = None,
         workdir: str | None = None,
+        driver: DriverSlots | None = None,
     ) -> None:
         self.memory_size = memory_size
+        #: Driver mode: the guest picks its areas per boot and the daemon starts with
+        #: no devices; :meth:`register` adds them the way a VMM would.
+        self.driver = driver
+        self._templates = {str(d["name"]): dict(d) for d in devices}
         self._dir = Path(tempfile.mkdtemp(prefix="indicators-rig-", dir=workdir))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
@@ -158,8 +172,11 @@ class IndicatorsRig:
                 vmm_socket=str(self._dir / "vmm.sock"),
                 overrides=overrides,
             )
-            #: The daemon's validated config.
+            #: The daemon's validated config (in driver mode: the template devices).
             self.config: Config = parse_config(raw, "<indicators rig>")
+            self._daemon_config = self.config
+            if driver is not None:
+                self._daemon_config = parse_config({**raw, "devices": []}, "<indicators rig>")
             keys = (
                 derived_storage_keys(self.config.devices) if storage_keys is None else storage_keys
             )
@@ -167,6 +184,8 @@ class IndicatorsRig:
             self.storage_key_settings: dict[int, int] = dict(keys)
             #: The guest's layout and counter map.
             self.layout: GuestLayout = guest_layout(self.config.devices, keys, memory_size)
+            if driver is not None:
+                driver.check(self.layout.layout, memory_size)
         except BaseException:
             self._cleanup()
             raise
@@ -194,7 +213,7 @@ class IndicatorsRig:
         undone on failure."""
         try:
             await self.start_qemu()
-            service = Service(self.config)
+            service = Service(self._daemon_config)
             self._service = service
             await service.start()
             await self._wait_keys_loaded(service, 10.0)
@@ -238,6 +257,7 @@ class IndicatorsRig:
             memory_size=self.memory_size,
             workdir=str(self._dir),
             vmm_socket=self._dir / "vmm.sock",
+            pages={} if self.driver is None else {DRIVER_GADDR: self.driver.encode()},
         )
         await guest.start(timeout=timeout)
         self._guest = guest
@@ -330,6 +350,48 @@ class IndicatorsRig:
         return client
 
     # ---------------------------------------------------------- the guest
+
+    # ------------------------------------------------------- driver mode
+
+    def driver_stats(self) -> DriverStats:
+        """The guest's boot, stray-byte and leftover counters (driver mode)."""
+        return read_stats(self.guest.memory)
+
+    async def wait_boot(self, boot: int, *, timeout: float = 10.0) -> None:
+        """Wait until the guest published the records of boot ``boot`` (or a later one)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.driver_stats().published < boot:
+            if loop.time() > deadline:
+                raise RigError(f"boot {boot} not published within {timeout} s")
+            await asyncio.sleep(0.002)
+
+    async def register(self, client: QMPClient) -> dict[str, str]:
+        """Play the VMM: read this boot's registration records and ``device-add`` each
+        (lifetime ``guest``) as ``<template name>-b<boot>``; returns template -> live name."""
+        if self.driver is None:
+            raise RigError("register() needs a rig in driver mode")
+        boot = self.driver_stats().published
+        areas = areas_in_block_order(self.layout.layout)
+        by_area = {id(area): name for name, area in self.layout.areas.items()}
+        names: dict[str, str] = {}
+        for area, record in zip(
+            areas, read_registrations(self.guest.memory, len(areas)), strict=True
+        ):
+            template_name = by_area[id(area)]
+            template = self._templates[template_name]
+            device = device_for(template, area, record, f"{template_name}-b{boot}")
+            await client.execute("device-add", {**device, "lifetime": "guest"})
+            names[template_name] = device["name"]
+        return names
+
+    async def reboot_guest(self, *, timeout: float = 10.0) -> int:
+        """Have the guest reboot itself (``diag 308``); returns the new boot's number once
+        its records are out (with ``manage_reboot`` the daemon dropped the old devices)."""
+        boot = self.driver_stats().boots
+        await self.guest.reboot()
+        await self.wait_boot(boot + 1, timeout=timeout)
+        return boot + 1
 
     async def settle(self, *, timeout: float = 10.0) -> None:
         """Wait until the daemon applied everything and the guest consumed it."""
