@@ -32,14 +32,18 @@ u32 counter_base``.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qemu.qmp import QMPClient
+
 from indicators.guestmem import GuestMemory
 from indicators.testing.errors import RigError
 from indicators.testing.guest import FREE_GADDR, Area, Layout
+from indicators.testing.layout import GuestLayout
 
 __all__ = [
     "DRIVER_GADDR",
@@ -50,6 +54,8 @@ __all__ = [
     "device_for",
     "read_registrations",
     "read_stats",
+    "register_records",
+    "wait_published",
 ]
 
 DRIVER_GADDR = 0x3000
@@ -88,10 +94,16 @@ class DriverSlots:
             )
         for area in layout.areas:
             last = area.dsci_gaddr + (area.first_bit + area.n_vectors - 1) // 8
-            for what, gaddr in (("summary", area.summary_gaddr), ("dsci", last)):
+            for what, lo, hi in (
+                ("summary", area.summary_gaddr, area.summary_gaddr),
+                ("dsci", area.dsci_gaddr, last),
+            ):
                 # the guest touches whole aligned words: keep them in the slot
-                if not self.base <= gaddr - gaddr % 8 and (gaddr | 7) < self.base + self.size:
-                    raise ValueError(f"area {what} {gaddr:#x} outside slot 0")
+                if not (self.base <= lo - lo % 8 and (hi | 7) < self.base + self.size):
+                    raise ValueError(
+                        f"area {what} {lo:#x}-{hi:#x} outside slot 0 "
+                        f"({self.base:#x}+{self.size:#x})"
+                    )
 
     def encode(self) -> bytes:
         """The driver block the host writes before the first boot."""
@@ -156,3 +168,37 @@ def device_for(
 def areas_in_block_order(layout: Layout) -> Sequence[Area]:
     """The areas in the order the parameter block (and so the records) lists them."""
     return [area for group in layout.groups() for area in group]
+
+
+async def wait_published(memory: GuestMemory, boot: int, timeout: float = 10.0) -> None:
+    """Wait until the guest published the records of boot ``boot`` (or a later one)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while read_stats(memory).published < boot:
+        if loop.time() > deadline:
+            raise RigError(f"boot {boot} not published within {timeout} s")
+        await asyncio.sleep(0.002)
+
+
+async def register_records(
+    memory: GuestMemory,
+    layout: GuestLayout,
+    templates: Mapping[str, Mapping[str, Any]],
+    client: QMPClient,
+) -> dict[str, str]:
+    """Play the VMM: read the published records and ``device-add`` each (lifetime
+    ``guest``) as ``<template name>-b<boot>``; returns template name -> live name.
+
+    ``templates`` are the config entries the layout was made from, by name.
+    """
+    boot = read_stats(memory).published
+    areas = areas_in_block_order(layout.layout)
+    by_area = {id(area): name for name, area in layout.areas.items()}
+    records = read_registrations(memory, len(areas))
+    names: dict[str, str] = {}
+    for area, record in zip(areas, records, strict=True):
+        template = by_area[id(area)]
+        device = device_for(templates[template], area, record, f"{template}-b{boot}")
+        await client.execute("device-add", {**device, "lifetime": "guest"})
+        names[template] = device["name"]
+    return names

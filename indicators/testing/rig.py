@@ -57,10 +57,9 @@ from indicators.testing.driver import (
     DRIVER_GADDR,
     DriverSlots,
     DriverStats,
-    areas_in_block_order,
-    device_for,
-    read_registrations,
     read_stats,
+    register_records,
+    wait_published,
 )
 from indicators.testing.errors import RigError
 from indicators.testing.guest import FREE_GADDR, GuestState
@@ -349,8 +348,6 @@ class IndicatorsRig:
         self._clients.append(client)
         return client
 
-    # ---------------------------------------------------------- the guest
-
     # ------------------------------------------------------- driver mode
 
     def driver_stats(self) -> DriverStats:
@@ -359,31 +356,14 @@ class IndicatorsRig:
 
     async def wait_boot(self, boot: int, *, timeout: float = 10.0) -> None:
         """Wait until the guest published the records of boot ``boot`` (or a later one)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.driver_stats().published < boot:
-            if loop.time() > deadline:
-                raise RigError(f"boot {boot} not published within {timeout} s")
-            await asyncio.sleep(0.002)
+        await wait_published(self.guest.memory, boot, timeout)
 
     async def register(self, client: QMPClient) -> dict[str, str]:
-        """Play the VMM: read this boot's registration records and ``device-add`` each
-        (lifetime ``guest``) as ``<template name>-b<boot>``; returns template -> live name."""
+        """Play the VMM: ``device-add`` (lifetime ``guest``) this boot's registration
+        records as ``<template name>-b<boot>``; returns template -> live name."""
         if self.driver is None:
             raise RigError("register() needs a rig in driver mode")
-        boot = self.driver_stats().published
-        areas = areas_in_block_order(self.layout.layout)
-        by_area = {id(area): name for name, area in self.layout.areas.items()}
-        names: dict[str, str] = {}
-        for area, record in zip(
-            areas, read_registrations(self.guest.memory, len(areas)), strict=True
-        ):
-            template_name = by_area[id(area)]
-            template = self._templates[template_name]
-            device = device_for(template, area, record, f"{template_name}-b{boot}")
-            await client.execute("device-add", {**device, "lifetime": "guest"})
-            names[template_name] = device["name"]
-        return names
+        return await register_records(self.guest.memory, self.layout, self._templates, client)
 
     async def reboot_guest(self, *, timeout: float = 10.0) -> int:
         """Have the guest reboot itself (``diag 308``); returns the new boot's number once
@@ -392,6 +372,8 @@ class IndicatorsRig:
         await self.guest.reboot()
         await self.wait_boot(boot + 1, timeout=timeout)
         return boot + 1
+
+    # ---------------------------------------------------------- the guest
 
     async def settle(self, *, timeout: float = 10.0) -> None:
         """Wait until the daemon applied everything and the guest consumed it."""
