@@ -122,3 +122,14 @@ def _template_layout() -> GuestLayout:
         "<test>",
     )
     return guest_layout(config.devices, {}, 64 << 20)
+
+
+@pytest.mark.indicators_layout(driver=DriverSlots(), config={"vmm": {"manage_reboot": True}})
+async def test_plugin_driver_mode_as_documented(indicators_rig: Any, indicators_qmp: Any) -> None:
+    """The plugin's driver-mode example: register, notify, reboot, nothing stray."""
+    names = await indicators_rig.register(indicators_qmp)
+    await indicators_qmp.execute("notify", {"device": names["net0"], "vector": [1]})
+    assert await indicators_rig.reboot_guest() == 2
+    counts = await indicators_rig.park()
+    assert counts == {("net0", 1): 1}  # consumed in boot 1 or found left over by boot 2
+    assert indicators_rig.driver_stats().stray == 0

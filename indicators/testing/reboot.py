@@ -33,6 +33,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
+from indicators.testing.delivery import error_code
 from indicators.testing.driver import DriverSlots
 from indicators.testing.rig import DEFAULT_DEVICES, IndicatorsRig
 
@@ -48,7 +49,9 @@ class TortureReport:
     checks: int = 0
     #: notification items acknowledged (socket and engine)
     notifications: int = 0
-    #: items refused (their device was already dropped: "unknown device")
+    #: refused, by source and kind: socket requests and engine batches refused whole
+    #: ("unknown device": a dropped boot's name), engine items failed one by one
+    #: (REMOVED: accepted, then its device was dropped before it was applied)
     refused: Counter[str] = field(default_factory=Counter)
     #: bits the daemon set (``set_counts``) for live registrations
     set_bits: int = 0
@@ -69,7 +72,7 @@ class TortureReport:
             f"reboots        {self.reboots}",
             f"slots checked  {self.checks}",
             f"notifications  {self.notifications} acknowledged",
-            f"refused        {sum(self.refused.values())} {dict(self.refused)}",
+            f"refused        {dict(self.refused)}",
             f"bits set       {self.set_bits}",
             f"stray bytes    {self.stray_bytes}",
             f"leftover bits  {self.leftover_bits} (counted by the next boot)",
@@ -117,7 +120,9 @@ class _Load:
                 try:
                     await client.execute("notify", {"device": name, "vector": vectors})
                 except ExecuteError as exc:
-                    self._done(0, str(exc.error_class))
+                    message = str(exc)
+                    unknown = message.startswith("unknown device")
+                    self._done(0, "socket: " + ("unknown device" if unknown else error_code(exc)))
                 else:
                     self._done(len(vectors), None)
                 client.events.clear()  # qemu.qmp keeps every event otherwise
@@ -130,9 +135,14 @@ class _Load:
             batch = [
                 (name, v) for name, vectors in (self._pick() for _ in range(4)) for v in vectors
             ]
-            errors = await self.rig.engine.notify_many(batch)
-            for error in errors:
-                self._done(1 if error is None else 0, None if error is None else str(error.code))
+            try:
+                errors = await self.rig.engine.notify_many(batch)
+            except ValueError as exc:  # the whole batch refused, nothing applied
+                unknown = str(exc).startswith("unknown device")
+                self._done(0, "engine: " + ("unknown device" if unknown else str(exc)))
+            else:
+                for error in errors:
+                    self._done(1 if error is None else 0, None if error is None else error.code)
             await asyncio.sleep(0)
 
 
@@ -180,9 +190,8 @@ async def torture(
                 admin.events.clear()
         finally:
             load.stopped = True
-            for task in tasks:
-                with contextlib.suppress(Exception):
-                    await task
+            # a load task that died is a failure of the run, not something to hide
+            await asyncio.gather(*tasks)
         # the last boot registers nothing: every old boot's leftovers are counted
         counts = await rig.park()
         stats = rig.driver_stats()
