@@ -39,6 +39,9 @@ async def test_reboot_torture_no_stray_byte_nothing_lost() -> None:
     assert report.notifications > 0 and report.set_bits > 0, report.lines()
     assert report.stray_bytes == 0, report.lines()
     assert report.lost == 0 and report.extra == 0, report.lines()
+    assert report.oracle_lost == 0 and report.unsettled == 0, report.lines()
+    assert not report.unexpected_failures, report.lines()
+    assert report.ok
 
 
 async def test_guest_registers_new_areas_every_boot_and_the_reset_drops_them() -> None:

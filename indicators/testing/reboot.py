@@ -34,7 +34,9 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from indicators.testing.delivery import error_code
-from indicators.testing.driver import DriverSlots
+from indicators.testing.driver import DriverSlots, areas_in_block_order, read_registrations
+from indicators.testing.guest import RESULTS_GADDR
+from indicators.testing.oracle import DeliveryOracle, Verdict
 from indicators.testing.rig import DEFAULT_DEVICES, IndicatorsRig
 
 __all__ = ["TortureReport", "main", "torture"]
@@ -59,12 +61,27 @@ class TortureReport:
     leftover_bits: int = 0
     lost: int = 0
     extra: int = 0
+    #: the delivery oracle, per boot: acknowledged items with no evidence of delivery
+    oracle_lost: int = 0
+    #: items neither acknowledged nor failed when their boot was judged
+    unsettled: int = 0
+    seen_in_memory: int = 0
+    seen_by_counter: int = 0
+    unexpected_failures: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """No stray byte, nothing lost, nothing counted that was not set."""
-        return self.stray_bytes == 0 and self.lost == 0 and self.extra == 0
+        """No stray byte, nothing lost (by the counts and by the oracle), nothing counted
+        that was not set, every item settled, no failure but the expected ones."""
+        return not (
+            self.stray_bytes
+            or self.lost
+            or self.extra
+            or self.oracle_lost
+            or self.unsettled
+            or self.unexpected_failures
+        )
 
     def lines(self) -> list[str]:
         """The report, one figure a line."""
@@ -78,71 +95,156 @@ class TortureReport:
             f"leftover bits  {self.leftover_bits} (counted by the next boot)",
             f"lost           {self.lost}",
             f"extra          {self.extra}",
+            f"oracle         {self.oracle_lost} lost, {self.unsettled} unsettled "
+            f"(bit seen at acknowledgement {self.seen_in_memory}, "
+            f"guest counter moved {self.seen_by_counter})",
+            f"unexpected     {dict(self.unexpected_failures)}",
             f"seconds        {self.seconds:.1f}",
         ]
 
 
+#: Load tasks: socket clients and engine callers.
+SOCKETS = 3
+ENGINE_CALLERS = 2
+
 _VECTORS = {str(d["name"]): int(d.get("vectors") or d.get("noi") or 1) for d in DEFAULT_DEVICES}
 
 
+@dataclass
+class _Boot:
+    """One boot's registrations as the load sees them: live names and their oracle."""
+
+    names: dict[str, str]
+    oracle: DeliveryOracle
+
+
+def _boot_oracle(rig: IndicatorsRig, names: dict[str, str]) -> DeliveryOracle:
+    """A delivery oracle for this boot's devices: bits at the addresses the guest
+    published, counts from the template's counters (they run on across boots)."""
+    memory = rig.guest.memory
+    areas = areas_in_block_order(rig.layout.layout)
+    first = read_registrations(memory, 1)[0]
+    delta = first.summary - areas[0].summary_gaddr  # the slot offset of this boot
+    template_of = {name: template for template, name in names.items()}
+
+    def read_bit(device: str, vector: int) -> bool:
+        gaddr, mask = rig.layout.areas[template_of[device]].dsci_bit(vector)
+        return bool(memory.load(gaddr + delta, 1) & mask)
+
+    def guest_count(device: str, vector: int) -> int:
+        index = rig.layout.counter[(template_of[device], vector)]
+        return memory.load(RESULTS_GADDR + 8 * index, 8)
+
+    return DeliveryOracle(read_bit, guest_count)
+
+
 class _Load:
-    """Notifies the current boot's devices until stopped; counts requests per boot."""
+    """Notifies the current boot's devices, through the socket and the engine, and
+    tells the boot's oracle every outcome; pauses while no boot is open."""
 
     def __init__(self, rig: IndicatorsRig, report: TortureReport, seed: int) -> None:
         self.rig = rig
         self.report = report
         self.rng = random.Random(seed)
-        self.names: dict[str, str] = {}
+        self.boot: _Boot | None = None
+        self.open = asyncio.Event()
         self.requests = 0
         self.stopped = False
         self.progress = asyncio.Event()
+        self.in_flight = 0
+        self.quiet = asyncio.Event()
 
-    def _pick(self) -> tuple[str, list[int]]:
-        template = self.rng.choice(sorted(self.names))
-        count = _VECTORS[template]
-        # distinct vectors: the daemon counts a repeated vector once
-        return self.names[template], self.rng.sample(range(count), self.rng.randint(1, count))
+    def start(self, boot: _Boot) -> None:
+        """Notify ``boot``'s devices from now on."""
+        self.boot = boot
+        self.open.set()
 
-    def _done(self, acknowledged: int, code: str | None) -> None:
-        if code is None:
-            self.report.notifications += acknowledged
-        else:
-            self.report.refused[code] += 1
+    async def pause(self) -> None:
+        """Stop starting requests and wait until every request sent has its outcome."""
+        self.boot = None
+        self.open.clear()
+        while self.in_flight:
+            self.quiet.clear()
+            await self.quiet.wait()
+
+    def stop(self) -> None:
+        """End the load tasks."""
+        self.stopped = True
+        self.open.set()
+
+    async def _begin(self, n: int) -> tuple[DeliveryOracle, list[tuple[str, list[int]]]] | None:
+        while self.boot is None:
+            if self.stopped:
+                return None
+            await self.open.wait()
+        if self.stopped:
+            return None
+        names = self.boot.names
+        picks = []
+        for _ in range(n):
+            template = self.rng.choice(sorted(names))
+            count = _VECTORS[template]
+            # distinct vectors: the daemon counts a repeated vector once
+            picks.append(
+                (names[template], self.rng.sample(range(count), self.rng.randint(1, count)))
+            )
+        self.in_flight += 1
+        return self.boot.oracle, picks
+
+    def _end(self, acknowledged: int, codes: Counter[str]) -> None:
+        self.report.notifications += acknowledged
+        self.report.refused.update(codes)
         self.requests += 1
+        self.in_flight -= 1
         self.progress.set()
+        self.quiet.set()
 
-    async def socket(self) -> None:
-        client = QMPClient("torture-socket")
+    async def socket(self, number: int) -> None:
+        client = QMPClient(f"torture-socket{number}")
         await client.connect(self.rig.control_socket)
         try:
-            while not self.stopped:
-                name, vectors = self._pick()
+            while (begun := await self._begin(1)) is not None:
+                oracle, [(name, vectors)] = begun
+                tokens = oracle.submit_many((name, v) for v in vectors)
                 try:
                     await client.execute("notify", {"device": name, "vector": vectors})
                 except ExecuteError as exc:
-                    message = str(exc)
-                    unknown = message.startswith("unknown device")
-                    self._done(0, "socket: " + ("unknown device" if unknown else error_code(exc)))
+                    unknown = str(exc).startswith("unknown device")
+                    code = "unknown device" if unknown else error_code(exc)
+                    for token in tokens:
+                        oracle.failed(token, code)
+                    self._end(0, Counter({f"socket: {code}": 1}))
                 else:
-                    self._done(len(vectors), None)
+                    for token in tokens:
+                        oracle.acknowledged(token)
+                    self._end(len(vectors), Counter())
                 client.events.clear()  # qemu.qmp keeps every event otherwise
         finally:
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await client.disconnect()
 
     async def engine(self) -> None:
-        while not self.stopped:
-            batch = [
-                (name, v) for name, vectors in (self._pick() for _ in range(4)) for v in vectors
-            ]
+        while (begun := await self._begin(4)) is not None:
+            oracle, picks = begun
+            batch = [(name, v) for name, vectors in picks for v in vectors]
+            tokens = oracle.submit_many(batch)
             try:
                 errors = await self.rig.engine.notify_many(batch)
             except ValueError as exc:  # the whole batch refused, nothing applied
                 unknown = str(exc).startswith("unknown device")
-                self._done(0, "engine: " + ("unknown device" if unknown else str(exc)))
+                code = "unknown device" if unknown else str(exc)
+                for token in tokens:
+                    oracle.failed(token, code)
+                self._end(0, Counter({f"engine: {code}": 1}))
             else:
-                for error in errors:
-                    self._done(1 if error is None else 0, None if error is None else error.code)
+                codes: Counter[str] = Counter()
+                for token, error in zip(tokens, errors, strict=True):
+                    if error is None:
+                        oracle.acknowledged(token)
+                    else:
+                        oracle.failed(token, error.code)
+                        codes[f"engine: {error.code}"] += 1
+                self._end(errors.count(None), codes)
             await asyncio.sleep(0)
 
 
@@ -177,19 +279,27 @@ async def torture(
         history: list[dict[str, str]] = []
         try:
             for _ in range(reboots):
-                load.names = await rig.register(admin)
-                history.append(dict(load.names))
+                names = await rig.register(admin)
+                history.append(names)
+                boot = _Boot(names, _boot_oracle(rig, names))
+                load.start(boot)
                 if not tasks:
-                    tasks = [asyncio.create_task(load.socket()), asyncio.create_task(load.engine())]
+                    # several of each: more requests in flight when the guest reboots
+                    tasks = [asyncio.create_task(load.socket(i)) for i in range(SOCKETS)]
+                    tasks += [asyncio.create_task(load.engine()) for _ in range(ENGINE_CALLERS)]
                 start = load.requests
                 while load.requests < start + per_boot:
                     load.progress.clear()
                     await load.progress.wait()
-                await rig.reboot_guest()
-                await _wait_dropped(admin, history[-1].values())
+                await rig.reboot_guest()  # notifications keep flowing through the reboot
+                await _wait_dropped(admin, names.values())
                 admin.events.clear()
+                # The new boot counted what this one left set and registered nothing
+                # yet: this boot's counters are final once its last request is in.
+                await load.pause()
+                _judge(report, boot.oracle.verdict())
         finally:
-            load.stopped = True
+            load.stop()
             # a load task that died is a failure of the run, not something to hide
             await asyncio.gather(*tasks)
         # the last boot registers nothing: every old boot's leftovers are counted
@@ -210,6 +320,20 @@ async def torture(
     report.extra = sum((counts - expected).values())
     report.seconds = time.monotonic() - t0
     return report
+
+
+#: Failures the torture expects: a request that names a dropped boot's device, and an
+#: item accepted before its device was dropped and then failed with it.
+EXPECTED_FAILURES = frozenset({"unknown device", "REMOVED"})
+
+
+def _judge(report: TortureReport, verdict: Verdict) -> None:
+    """Add one boot's oracle verdict to ``report``."""
+    report.oracle_lost += len(verdict.lost)
+    report.unsettled += len(verdict.unsettled)
+    report.seen_in_memory += verdict.seen_in_memory
+    report.seen_by_counter += verdict.seen_by_counter
+    report.unexpected_failures.update(verdict.unexpected_failures(EXPECTED_FAILURES))
 
 
 def main(argv: list[str] | None = None) -> int:
