@@ -37,6 +37,7 @@ async def test_reboot_torture_no_stray_byte_nothing_lost() -> None:
     assert report.reboots == REBOOTS, report.lines()
     assert report.checks == REBOOTS - 1, report.lines()
     assert report.notifications > 0 and report.set_bits > 0, report.lines()
+    assert report.eventfd_reads > 0, report.lines()
     assert report.stray_bytes == 0, report.lines()
     assert report.lost == 0 and report.extra == 0, report.lines()
     assert report.oracle_lost == 0 and report.unsettled == 0, report.lines()

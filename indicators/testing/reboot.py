@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import sys
 import time
@@ -55,6 +56,11 @@ class TortureReport:
     #: ("unknown device": a dropped boot's name), engine items failed one by one
     #: (REMOVED: accepted, then its device was dropped before it was applied)
     refused: Counter[str] = field(default_factory=Counter)
+    #: eventfd signals written (one eventfd on vector 0 of every device of every boot)
+    eventfd_signals: int = 0
+    #: eventfd signals the daemon took (its ``signals``; writes to the eventfds of a
+    #: dropped boot, closed on the daemon's side, are never taken)
+    eventfd_reads: int = 0
     #: bits the daemon set (``set_counts``) for live registrations
     set_bits: int = 0
     stray_bytes: int = 0
@@ -88,7 +94,8 @@ class TortureReport:
         return [
             f"reboots        {self.reboots}",
             f"slots checked  {self.checks}",
-            f"notifications  {self.notifications} acknowledged",
+            f"notifications  {self.notifications} acknowledged, "
+            f"{self.eventfd_signals} eventfd signals ({self.eventfd_reads} taken by the daemon)",
             f"refused        {dict(self.refused)}",
             f"bits set       {self.set_bits}",
             f"stray bytes    {self.stray_bytes}",
@@ -116,6 +123,8 @@ class _Boot:
 
     names: dict[str, str]
     oracle: DeliveryOracle
+    #: our ends of the eventfds attached to vector 0 of each device
+    eventfds: list[int] = field(default_factory=list)
 
 
 def _boot_oracle(rig: IndicatorsRig, names: dict[str, str]) -> DeliveryOracle:
@@ -223,6 +232,18 @@ class _Load:
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await client.disconnect()
 
+    async def eventfds(self) -> None:
+        """Signal every eventfd of the open boot, round after round (no acknowledgement:
+        ``set_counts`` and the guest's counters judge these)."""
+        while await self._begin(0) is not None:
+            boot = self.boot
+            if boot is not None:
+                for fd in boot.eventfds:
+                    os.eventfd_write(fd, 1)
+                self.report.eventfd_signals += len(boot.eventfds)
+            self._end(0, Counter())
+            await asyncio.sleep(0)
+
     async def engine(self) -> None:
         while (begun := await self._begin(4)) is not None:
             oracle, picks = begun
@@ -246,6 +267,19 @@ class _Load:
                         codes[f"engine: {error.code}"] += 1
                 self._end(errors.count(None), codes)
             await asyncio.sleep(0)
+
+
+async def _attach_eventfds(admin: QMPClient, names: dict[str, str]) -> list[int]:
+    """One eventfd per device on vector 0, attached as a VMM does (``getfd`` then
+    ``attach-eventfd``); returns our ends."""
+    fds = []
+    for name in names.values():
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fds.append(fd)
+        admin.send_fd_scm(fd)
+        await admin.execute("getfd", {"fdname": f"ev-{name}"})
+        await admin.execute("attach-eventfd", {"device": name, "vector": 0, "fdname": f"ev-{name}"})
+    return fds
 
 
 async def _wait_dropped(client: QMPClient, names: Iterable[str], timeout: float = 30.0) -> None:
@@ -281,12 +315,13 @@ async def torture(
             for _ in range(reboots):
                 names = await rig.register(admin)
                 history.append(names)
-                boot = _Boot(names, _boot_oracle(rig, names))
+                boot = _Boot(names, _boot_oracle(rig, names), await _attach_eventfds(admin, names))
                 load.start(boot)
                 if not tasks:
                     # several of each: more requests in flight when the guest reboots
                     tasks = [asyncio.create_task(load.socket(i)) for i in range(SOCKETS)]
                     tasks += [asyncio.create_task(load.engine()) for _ in range(ENGINE_CALLERS)]
+                    tasks.append(asyncio.create_task(load.eventfds()))
                 start = load.requests
                 while load.requests < start + per_boot:
                     load.progress.clear()
@@ -298,6 +333,8 @@ async def torture(
                 # yet: this boot's counters are final once its last request is in.
                 await load.pause()
                 _judge(report, boot.oracle.verdict())
+                for fd in boot.eventfds:  # the daemon closed its copies at the drop
+                    os.close(fd)
         finally:
             load.stop()
             # a load task that died is a failure of the run, not something to hide
@@ -305,6 +342,7 @@ async def torture(
         # the last boot registers nothing: every old boot's leftovers are counted
         counts = await rig.park()
         stats = rig.driver_stats()
+        report.eventfd_reads = rig.service.eventfds.signals
         rig.engine.set_counts = None
     expected: Counter[tuple[str, int]] = Counter()
     for names in history:
