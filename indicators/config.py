@@ -392,6 +392,12 @@ class VmmConfig(_Model):
             raise ValueError("give qmp_socket (QEMU's QMP socket) or libvirt (a domain name)")
         if self.libvirt is not None and "/" in self.libvirt:
             raise ValueError(f"libvirt domain name {self.libvirt!r} has a '/'")
+        if self.libvirt is not None and self.manage_reboot:
+            # libvirt would take the paused reboot for a guest shutdown (on_poweroff).
+            raise ValueError(
+                f"manage_reboot = true with libvirt = {self.libvirt!r}: libvirt owns the "
+                f"guest's reboot handling; leave manage_reboot off (README: Guest reset)"
+            )
         return self
 
 

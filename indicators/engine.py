@@ -41,7 +41,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +52,11 @@ from .bitor import BitSetter
 from .config import RetryPolicy
 from .memop import MemopBackend
 from .notification import NotifyError, Target, Ticket
+from .resumed import Resumed
 from .sinks import InterruptSink
 from .stats import EngineStats
 from .suppression import Suppression
+from .withdrawal import withdraw
 
 __all__ = ["Engine", "EngineEvent", "NotifyError"]
 
@@ -77,37 +79,6 @@ class EngineEvent:
 
 #: What :meth:`Engine.notify_nowait` returns: the outcome, or a future of it.
 Outcome = list[NotifyError | None] | asyncio.Future[list[NotifyError | None]]
-
-
-class _Resumed:
-    """Awaitable that carries on a coroutine begun by hand and suspended on ``waiting``.
-
-    The eager path runs the batch coroutine with ``send`` in the caller's
-    callback; only when it has to wait (the ``-EAGAIN`` back-off) does the
-    rest become a task, which drives the same coroutine from where it stopped.
-    """
-
-    __slots__ = ("coro", "waiting")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
-        self.coro = coro
-        self.waiting = waiting
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        coro, waiting = self.coro, self.waiting
-        while True:
-            try:
-                yield waiting
-            except BaseException as exc:  # cancellation reaches the coroutine
-                try:
-                    waiting = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-                continue
-            try:
-                waiting = coro.send(None)
-            except StopIteration as stop:
-                return stop.value
 
 
 class Engine:
@@ -256,44 +227,20 @@ class Engine:
         for them with :meth:`settle`).  Returns how many queued ones failed.
         """
         gone = {self._targets.pop(name)[0].device for name in names if name in self._targets}
-        if not gone:
-            return 0
         failed = 0
-        kept: list[Ticket] = []
-        for ticket in self._pending:
-            keep = [i for i, entry in enumerate(ticket.entries) if entry.device not in gone]
-            if len(keep) == len(ticket.entries):
-                kept.append(ticket)
-                continue
-            for index, entry in enumerate(ticket.entries):
-                if entry.device in gone:
-                    why = f"device removed ({reason}) before it was applied"
-                    error = NotifyError(entry.device.name, entry.vector, "REMOVED", why)
-                    ticket.errors[index] = error
-                    self.stats.fail(error.code, entry.device.adapter.id)
-                    self._emit(EngineEvent("failed", entry.device.adapter, error))
-                    failed += 1
-            if not keep:
-                ticket.resolve()
-                continue
-            kept.append(self._rest_of(ticket, keep))
-        self._pending = kept
+
+        def fail(entry: Target) -> NotifyError:
+            nonlocal failed
+            why = f"device removed ({reason}) before it was applied"
+            error = NotifyError(entry.device.name, entry.vector, "REMOVED", why)
+            self.stats.fail(error.code, entry.device.adapter.id)
+            self._emit(EngineEvent("failed", entry.device.adapter, error))
+            failed += 1
+            return error
+
+        if gone:
+            self._pending = withdraw(self._pending, gone, fail)
         return failed
-
-    @staticmethod
-    def _rest_of(ticket: Ticket, keep: list[int]) -> Ticket:
-        """A ticket for the entries ``keep`` of ``ticket`` that resolves ``ticket`` with them."""
-        rest = Ticket([ticket.entries[index] for index in keep])
-        rest.accepted = ticket.accepted
-        rest.future = asyncio.get_running_loop().create_future()
-
-        def done(future: asyncio.Future[list[NotifyError | None]]) -> None:
-            for mine, index in enumerate(keep):
-                ticket.errors[index] = future.result()[mine]
-            ticket.resolve()
-
-        rest.future.add_done_callback(done)
-        return rest
 
     async def settle(self) -> None:
         """Wait until the batch being applied now (if any) has been applied or has failed."""
@@ -435,7 +382,7 @@ class Engine:
         else:
             future = ticket.future = asyncio.get_running_loop().create_future()
             self._applying = batch  # half applied: a removal waits for it (settle)
-            self._flusher = asyncio.create_task(self._flush(_Resumed(coro, waiting), batch))
+            self._flusher = asyncio.create_task(self._flush(Resumed(coro, waiting), batch))
             return future
         finally:
             self._eager = False

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from attack_helpers import FakeQemu
 from daemon_helpers import TIMEOUT, bit_of, daemon_config, qmp_client, wait_until
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from indicators.config import parse_config
 from indicators.daemon.service import Service
@@ -43,13 +43,16 @@ class ScriptedQemu:
     """A QMP server that answers like QEMU and records every command it is sent.
 
     ``on[command]`` runs when the command arrives, before it is answered (it
-    may :meth:`emit` events, as QEMU's system_reset emits RESET).
+    may :meth:`emit` events, as QEMU's system_reset emits RESET); a command
+    in ``refuse`` is answered with that error.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self.on: dict[str, Callable[[], None]] = {}
+        #: Commands answered with a GenericError of this text.
+        self.refuse: dict[str, str] = {}
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.AbstractServer | None = None
 
@@ -68,6 +71,11 @@ class ScriptedQemu:
                    "microseconds": 0}}  # fmt: skip
         for writer in self._writers:
             writer.write(json.dumps(message).encode() + b"\r\n")
+
+    def hang_up(self) -> None:
+        """Close every client connection (the server keeps listening)."""
+        for writer in self._writers:
+            writer.close()
 
     def names(self) -> list[str]:
         return [name for name, _ in self.commands]
@@ -94,12 +102,14 @@ class ScriptedQemu:
     def _answer(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         name, args = request["execute"], request.get("arguments", {})
         self.commands.append((name, args))
-        if name in self.on:
+        if name in self.on and name not in self.refuse:
             self.on[name]()
         result: Any = {}
         if name == "query-status":
             result = {"status": "running", "running": True}
         reply: dict[str, Any] = {"return": result}
+        if name in self.refuse:
+            reply = {"error": {"class": "GenericError", "desc": self.refuse[name]}}
         if "id" in request:
             reply["id"] = request["id"]
         writer.write(json.dumps(reply).encode() + b"\r\n")
@@ -143,6 +153,12 @@ async def test_a_managed_guest_reboot_drops_its_devices_before_the_vm_is_reset(
     def system_reset() -> None:  # what the daemon still allows when it resets the VM
         at_reset["devices"] = set(service.model.devices)
         at_reset["writable"] = writable(service, byte, mask)
+        # As QEMU: the reset happens after the reply, and cont is refused until then.
+        qemu.refuse["cont"] = "Resetting the Virtual Machine is required"
+        asyncio.get_running_loop().call_later(0.2, reset_done)
+
+    def reset_done() -> None:
+        qemu.refuse.pop("cont")
         qemu.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     qemu.on["system_reset"] = system_reset
@@ -166,8 +182,13 @@ async def test_a_managed_guest_reboot_drops_its_devices_before_the_vm_is_reset(
                 deleted = await asyncio.wait_for(listener.get(), TIMEOUT)
                 assert dict(deleted["data"]) == {"name": "vnet1", "reason": "guest-reset"}
             await wait_until(lambda: "cont" in qemu.names())
-            names = qemu.names()
-            assert names.index("system_reset") < names.index("cont")
+            # The reset action is put back for the daemon's own reset only.
+            assert qemu.commands[-4:] == [
+                ("set-action", {"reboot": "reset"}),
+                ("system_reset", {}),
+                ("set-action", {"reboot": "shutdown"}),
+                ("cont", {}),
+            ]
             # When QEMU was told to reset the VM, the guest's device was gone and its
             # bits closed; the persistent one stays.
             assert at_reset == {"devices": {"net0", "pci0", "route0", "locked", "disk0"},
@@ -285,3 +306,91 @@ async def test_a_real_qemu_hands_its_reboot_over_and_the_guest_reset_command_res
     # The guest counts its layout's devices (vnet9 is none of them).
     assert await rig.park() == {("net0", 3): 1}
     assert rig.engine.set_counts == {("net0", 3): 1, ("vnet9", 0): 1}
+
+
+@pytest.mark.qemu
+@pytest.mark.indicators_layout(config={"vmm": {"manage_reboot": True}})
+async def test_a_real_qemu_pauses_a_reset_request_and_the_daemon_resets_the_vm_itself(
+    indicators_rig: IndicatorsRig, indicators_qmp: QMPClient
+) -> None:
+    """Owning the reboot, QEMU turns a reset request into a paused shutdown (the same
+    path a guest reboot takes, reason host-qmp-system-reset here); the daemon drops the
+    guest's devices, resets the VM and continues it."""
+    rig = indicators_rig
+    await indicators_qmp.execute("device-add", RUNTIME_DEVICE)
+    rounds = rig.guest.rounds()
+    with indicators_qmp.listener(names=("VMM_STATE", "DEVICE_DELETED")) as events:
+        await rig.guest.qmp.execute("system_reset")  # QEMU's own monitor, not the daemon
+        seen: list[str] = []
+        while "running" not in seen:
+            event = await asyncio.wait_for(events.get(), TIMEOUT)
+            seen.append(event["data"].get("status") or event["event"])
+    assert seen.index("shutdown") < seen.index("DEVICE_DELETED") < seen.index("reset")
+    assert seen.index("reset") < seen.index("running")
+    assert "vnet9" not in rig.service.model.devices
+    # The next reset request is handed over again (the reboot action was put back).
+    with indicators_qmp.listener(names=("VMM_STATE",)) as events:
+        await rig.guest.qmp.execute("system_reset")
+        again: list[str] = []
+        while "running" not in again:
+            event = await asyncio.wait_for(events.get(), TIMEOUT)
+            again.append(event["data"]["status"])
+    assert again.index("shutdown") < again.index("reset") < again.index("running")
+    await rig.guest.wait_rounds(100)
+    assert rig.guest.state() == GuestState.RUNNING and rig.guest.rounds() > rounds
+    await indicators_qmp.execute("notify", {"device": "blk0", "vector": 1})
+    await rig.settle()
+    assert await rig.park() == {("blk0", 1): 1}
+    assert (await indicators_qmp.execute("query-stats"))["owns-reboot"] is True
+
+
+async def test_a_guest_reset_qemu_refuses_says_the_devices_are_dropped_anyway(
+    tmp_path: Path, qemu: ScriptedQemu
+) -> None:
+    service = await start_service(tmp_path, qemu.path)
+    qemu.refuse["system_reset"] = "no reset today"
+    try:
+        await wait_until(lambda: "query-status" in qemu.names())
+        async with qmp_client(service.socket_path) as client:
+            await client.execute("device-add", GUEST_DEVICE)
+            with pytest.raises(ExecuteError) as caught:
+                await client.execute("guest-reset")
+        message = str(caught.value)
+        assert "devices were dropped" in message and "no reset today" in message, message
+        assert "vnet1" not in service.model.devices
+        assert not service.engine.paused  # the reset's hold is released
+    finally:
+        await service.stop(grace=1.0)
+
+
+async def test_owning_the_reboot_a_guest_poweroff_still_ends_qemu(
+    tmp_path: Path, qemu: ScriptedQemu
+) -> None:
+    """shutdown: "pause" is set for the reboots only: a guest poweroff is finished with quit."""
+    service = await start_service(tmp_path, qemu.path, manage_reboot=True)
+    try:
+        await wait_until(lambda: "set-action" in qemu.names())
+        qemu.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        await wait_until(lambda: "quit" in qemu.names())
+        assert "system_reset" not in qemu.names()
+    finally:
+        await service.stop(grace=1.0)
+
+
+async def test_the_same_qemu_connected_again_drops_the_guest_devices_too(
+    tmp_path: Path, qemu: ScriptedQemu
+) -> None:
+    """A RESET sent while the link was down is lost: a reconnect cannot trust the guest's
+    registrations, even to the same QEMU."""
+    service = await start_service(tmp_path, qemu.path, disconnect_grace=30.0)
+    try:
+        await wait_until(lambda: service.vmm is not None and service.vmm.connects == 1)
+        async with qmp_client(service.socket_path) as client:
+            await client.execute("device-add", GUEST_DEVICE)
+            with client.listener(names=("DEVICE_DELETED",)) as listener:
+                qemu.hang_up()
+                deleted = await asyncio.wait_for(listener.get(), TIMEOUT)
+            assert dict(deleted["data"]) == {"name": "vnet1", "reason": "vmm-reconnected"}
+        assert service.vmm is not None and service.vmm.connects == 2
+    finally:
+        await service.stop(grace=1.0)

@@ -30,7 +30,7 @@ from daemon_helpers import (
 )
 from qemu.qmp import ExecuteError
 
-from indicators.config import parse_config
+from indicators.config import ConfigError, parse_config
 from indicators.daemon.service import Service
 from indicators.guestmem import GuestMemory
 from indicators.memop import EmulatedBackend, MemopBackend, MemopError
@@ -235,7 +235,7 @@ async def test_removal_is_not_refused_while_notifications_are_pending(
     """Queued notifications of a removed device fail with code REMOVED and change
     nothing; those of the other devices are applied when the hold ends."""
     await client.execute("device-add", new_device())
-    service.hold("test")
+    service.holds.hold("test")
     try:
         gone = asyncio.create_task(client.execute("notify", {"device": "vnet1", "vector": 4}))
         async with qmp_client(service.socket_path) as other:
@@ -247,10 +247,10 @@ async def test_removal_is_not_refused_while_notifications_are_pending(
                 await asyncio.wait_for(gone, TIMEOUT)
             assert "code REMOVED: 1" in str(caught.value)
             assert service.engine.pending == 1
-            service.release("test")
+            service.holds.release("test")
             assert await asyncio.wait_for(kept, TIMEOUT) == {"applied": 1}
     finally:
-        service.release("test")
+        service.holds.release("test")
     assert not is_set(service, NEW_DSCI, 4) and memory_of(service).load(NEW_SUMMARY, 1) == 0
     assert is_set(service, NET_DSCI, 9)
     stats = await client.execute("query-stats")
@@ -299,7 +299,7 @@ async def test_the_reset_hook_drops_guest_devices_before_the_next_notification(
     service: Service, client: Client
 ) -> None:
     await client.execute("device-add", new_device())
-    service.reset()  # what the VMM link calls on QEMU's RESET event
+    service.hooks.reset()  # what the VMM link calls on QEMU's RESET event
     with pytest.raises(ValueError, match="unknown device 'vnet1'"):
         service.engine.notify_nowait((("vnet1", 0),))
     assert "vnet1" not in service.model.devices
@@ -315,22 +315,29 @@ async def test_reload_is_a_diff_and_is_not_refused_while_notifications_are_pendi
     try:
         async with qmp_client(service.socket_path) as client:
             await client.execute("device-add", new_device())
-            service.hold("test")
+            await client.execute("set-ais-mode", {"isc": 2, "mode": "single"})
+            service.holds.hold("test")
             pending = asyncio.create_task(client.execute("notify", {"device": "net0", "vector": 3}))
             await wait_until(lambda: service.engine.pending == 1)
             devices = [d for d in raw["devices"] if d["name"] != "pci0"]
             write_config(path, {**raw, "devices": devices})
             assert service.reload() == "reloaded"
-            service.release("test")
+            # The hold, the suppression state and the listeners are the same after it.
+            assert service.engine.paused and list(service.holds) == ["test"]
+            assert service.engine.suppression.state(2) == (True, False)
+            service.holds.release("test")
             assert await asyncio.wait_for(pending, TIMEOUT) == {"applied": 1}
             listed = lifetimes(await client.execute("query-adapters"))
             assert "pci0" not in listed and listed["vnet1"] == "guest"
+            with client.listener(names=("ADAPTER_INTERRUPT",)) as listener:
+                await client.execute("notify", {"device": "vnet1", "vector": 4})
+                assert (await asyncio.wait_for(listener.get(), TIMEOUT))["data"]["isc"] == 3
             # A config device that collides with a runtime one: refused, nothing changes.
             write_config(path, {**raw, "devices": [*devices, new_device("clash")]})
             assert service.reload().startswith("refused: ")
             assert "clash" not in lifetimes(await client.execute("query-adapters"))
     finally:
-        service.release("test")
+        service.holds.release("test")
         await service.stop(grace=1.0)
 
 
@@ -448,5 +455,76 @@ async def test_a_notification_being_applied_completes_before_the_bits_close(
                 assert await asyncio.wait_for(removing, TIMEOUT) == {}
         assert is_set(service, NEW_DSCI, 6)
         assert not allowed(service, byte, mask) and not writable(service, byte, mask)
+    finally:
+        await service.stop(grace=1.0)
+
+
+def test_an_empty_device_range_is_a_config_error(tmp_path: Path) -> None:
+    raw = daemon_config(tmp_path / "control.sock", control={"device_ranges": [[0x2000, 0x1000]]})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, "<test>")
+    assert "control" in str(caught.value) and "[0x2000, 0x1000) is empty" in str(caught.value)
+    defaults = parse_config(daemon_config(tmp_path / "c.sock"), "<test>").control
+    assert defaults is not None
+    assert (defaults.manager_uids, defaults.manager_gids, defaults.device_ranges) == ([], [], None)
+
+
+async def test_a_device_whose_summary_byte_holds_anothers_indicators_is_named(
+    client: Client,
+) -> None:
+    # net0's indicator bytes start at NET_DSCI: a summary byte there clashes with them.
+    message = await refused(client, "device-add", new_device(summary_indicator=NET_DSCI))
+    assert "adding 'vnet1' conflicts" in message and "'net0'" in message, message
+
+
+def test_manage_reboot_is_refused_for_a_libvirt_domain(tmp_path: Path) -> None:
+    raw = daemon_config(tmp_path / "c.sock", vmm={"libvirt": "guest1", "manage_reboot": True})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, "<test>")
+    assert "manage_reboot = true with libvirt = 'guest1'" in str(caught.value)
+
+
+async def test_a_batch_across_devices_loses_only_the_removed_devices_part(
+    service: Service, client: Client
+) -> None:
+    """One caller's batch over several devices (the engine's own API allows it): the
+    removed device's notifications fail with REMOVED, the others get their own outcome
+    (applied, or - for the keyed device on a page its key may not store to - code 4)."""
+    await client.execute("device-add", new_device())
+    engine = service.engine
+    service.holds.hold("test")
+    try:
+        batch = asyncio.ensure_future(
+            engine.notify_many([("vnet1", 2), ("net0", 5), ("vnet1", 3), ("locked", 1)])
+        )
+        await wait_until(lambda: engine.pending == 4)
+        assert engine.remove_devices(["vnet1"], "test") == 2
+        assert engine.pending == 2
+    finally:
+        service.holds.release("test")
+    first, second, third, fourth = await asyncio.wait_for(batch, TIMEOUT)
+    assert second is None and is_set(service, NET_DSCI, 5)
+    assert fourth is not None and fourth.code == "4"
+    assert first is not None and third is not None
+    assert (first.code, third.code) == ("REMOVED", "REMOVED")
+    assert not is_set(service, NEW_DSCI, 2) and not is_set(service, NEW_DSCI, 3)
+
+
+async def test_a_managing_peer_of_another_uid_is_held_to_the_device_ranges(world: Path) -> None:
+    control = {
+        "allowed_uids": [0, NOBODY],
+        "mode": 0o666,
+        "manager_uids": [NOBODY],
+        "device_ranges": [[0x30000, 0x30200]],
+    }
+    service = await start_service(world, control=control)
+    try:
+        outside = ["device-add", new_device("far", device_indicator=0x40000)]
+        inside = ["device-add", new_device()]
+        replies = await foreign_client(service.socket_path, NOBODY, [outside, inside])
+        refusal = replies[1]["error"]["desc"]
+        assert "'far'.device_indicator" in refusal and "device_ranges" in refusal, refusal
+        assert replies[2] == {"return": {"name": "vnet1", "lifetime": "guest"}}
+        assert "far" not in service.model.devices
     finally:
         await service.stop(grace=1.0)

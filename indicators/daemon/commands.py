@@ -33,22 +33,20 @@ harness and the tests read it.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE
-from ..adapters import Device
 from ..config import DeviceConfig
 from ..engine import Engine
-from ..memop import MemopError
 from .eventfds import EventfdError, EventfdSources
 from .qmp_server import QmpArgs, QmpCommandError, QmpServer, QmpSession
 from .qmp_session import PeerCredentials
 from .registry import DeviceRegistry, RegistryError
+from .reports import FailureBatch, describe_failure, failure_message
 
 __all__ = [
     "COMMANDS",
@@ -59,9 +57,6 @@ __all__ = [
     "failure_message",
     "register_commands",
 ]
-
-#: Failures a notify reply or a NOTIFY_FAILED event locates one by one.
-FIRST_FEW = 5
 
 
 class NotifyArgs(QmpArgs):
@@ -263,7 +258,10 @@ def _handlers(daemon: Daemon) -> dict[str, Handler]:
         try:
             return {"dropped": await daemon.guest_reset("guest-reset")}
         except (RuntimeError, OSError) as exc:
-            raise _generic(f"guest-reset: {exc}") from None
+            # The devices are gone by then (that step cannot fail): say so.
+            raise _generic(
+                f"guest-reset: the guest's devices were dropped, but resetting the VM failed: {exc}"
+            ) from None
 
     async def quit_(_: None, session: QmpSession) -> dict[str, Any]:
         daemon.request_stop("quit command")
@@ -317,98 +315,3 @@ def _vectors(args: NotifyArgs) -> list[int]:
     # Distinct: at most the device's vector count reach the engine (more are out of
     # range and refused before anything is done), whatever the list's length.
     return list(dict.fromkeys(args.vector))
-
-
-def describe_failure(error: Any) -> dict[str, Any]:
-    """One failed notification as data: device, vector, code, where, gaddr, size, key."""
-    return {
-        "device": error.device,
-        "vector": error.vector,
-        "code": str(error.code),
-        "where": getattr(error, "where", None),  # "dsci" or "summary"
-        "gaddr": getattr(error, "gaddr", None),
-        "size": getattr(error, "size", None),
-        "key": getattr(error, "key", None),
-        "errno": getattr(error, "errno", None),
-        "desc": str(error),
-    }
-
-
-class FailureBatch:
-    """The failures of one device in one batch, kept small: counts and the first few.
-
-    A batch of thousands of failures keeps :data:`FIRST_FEW` errors, not all
-    of them; :meth:`summary` is the ``NOTIFY_FAILED`` event's data.
-    """
-
-    __slots__ = ("codes", "count", "first")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.codes: Counter[str] = Counter()
-        self.first: list[Any] = []
-
-    def add(self, error: Any) -> None:
-        """Count ``error`` (a NotifyError); keep it if it is one of the first few."""
-        self.count += 1
-        self.codes[str(error.code)] += 1
-        if len(self.first) < FIRST_FEW:
-            self.first.append(error)
-
-    def summary(self) -> dict[str, Any]:
-        """The first failure's fields, a count per code, the first few failures."""
-        return {
-            **describe_failure(self.first[0]),
-            "count": self.count,
-            "codes": dict(self.codes),
-            "first": [describe_failure(e) for e in self.first],
-        }
-
-
-def _located(error: Any) -> str:
-    """``vector 1: program exception 4 (protection) (code 4) on the dsci at gaddr 0x..
-    size 1 key 5``."""
-    where = getattr(error, "where", None)
-    gaddr = getattr(error, "gaddr", None)
-    place = f" on the {where}" if where else ""
-    if gaddr is not None:
-        size, key = getattr(error, "size", None), getattr(error, "key", None)
-        place += f" at gaddr {gaddr:#x} size {size} key {key}"
-    return f"vector {error.vector}: {error.desc} (code {error.code}){place}"
-
-
-def failure_message(device: str, total: int, failed: Sequence[Any]) -> str:
-    """A bounded reply for a batch with failures: counts per code, then the first few."""
-    codes = Counter(str(e.code) for e in failed)
-    counts = ", ".join(f"code {code}: {n}" for code, n in sorted(codes.items()))
-    shown = "; ".join(_located(e) for e in failed[:FIRST_FEW])
-    more = f"; and {len(failed) - FIRST_FEW} more" if len(failed) > FIRST_FEW else ""
-    return (
-        f"device {device!r}: {total - len(failed)} of {total} applied, "
-        f"{len(failed)} failed ({counts}); {shown}{more}"
-    )
-
-
-def describe_device(device: Device, read: Any) -> dict[str, Any]:
-    """A device's config and live bits; ``read(gaddr, size, key)`` reads guest memory."""
-    first = min(bit.gaddr for bit in device.dsci)
-    last = max(bit.gaddr for bit in device.dsci)
-    entry: dict[str, Any] = {
-        "name": device.name,
-        "kind": device.kind,
-        "key": device.key,
-        "vectors": device.vectors,
-        "summary-test": device.summary_test,
-        "config": device.config.model_dump(mode="json"),
-    }
-    try:
-        area = read(first, last - first + 1, device.key)
-        summary = read(device.summary.gaddr, 1, device.key)[0]
-    except MemopError as exc:
-        entry["error"] = str(exc)
-        return entry
-    entry["indicators-set"] = [
-        vector for vector, bit in enumerate(device.dsci) if area[bit.gaddr - first] & bit.mask
-    ]
-    entry["summary-set"] = bool(summary & device.summary.mask)
-    return entry

@@ -59,7 +59,11 @@ class RegistryError(IndicatorsError, ValueError):
     def __init__(self, device: str, problems: Sequence[tuple[str, str]]) -> None:
         self.device = device
         self.problems = list(problems)
-        super().__init__("; ".join(f"{where}: {what}" for where, what in self.problems))
+        text = "; ".join(f"{where}: {what}" for where, what in self.problems)
+        if not any(device in where for where, _ in self.problems):
+            # A rule reported on the other device (its bits on this one's summary byte).
+            text = f"adding {device!r} conflicts: {text}"
+        super().__init__(text)
 
 
 class DeviceRegistry:

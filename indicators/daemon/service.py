@@ -37,16 +37,19 @@ from ..config import Config, ConfigError, load_config
 from ..engine import Engine, EngineEvent
 from ..errors import ResourceError
 from ..metrics import EngineCollector, serve_metrics
-from .commands import FailureBatch, describe_device, register_commands
+from .commands import register_commands
 from .eventfds import EventfdSources
+from .guesthooks import GuestHooks
 from .guestram import GuestRam, load_storage_keys, refresh_storage_keys_forever
 from .holds import Holds
 from .libvirt import resolve as resolve_libvirt
 from .loglimit import LogLimiter, limit_repeats
 from .privileges import drop_to, forbid_new_privileges
 from .qmp_server import PeerCredentials, QmpServer
+from .queries import describe_adapters, describe_stats
 from .registry import DeviceRegistry, RegistryError
 from .reloadlog import device_changes
+from .reports import FailureBatch
 from .sdnotify import Notifier
 from .vmm import VmmLink
 from .wiring import Wiring, open_backend
@@ -79,9 +82,12 @@ class Service:
         self.vmm: VmmLink | None = None
         self.notifier = Notifier()
         self.holds = Holds()
+        #: What the VMM link's news does (holds, resets, reboots).
+        self.hooks = GuestHooks(
+            self.holds, self.registry, report=self._announce, on_attached=self._attached
+        )
         self._stop = asyncio.Event()
         self._stop_reason = ""
-        self._reboots: set[asyncio.Task[list[str]]] = set()
         self._skeys_task: asyncio.Task[None] | None = None
         self._failed: dict[str, FailureBatch] = {}  # this batch's failures, by device
         self._ram: GuestRam | None = None  # ram = "auto": QEMU's RAM, as it hands it over
@@ -123,8 +129,8 @@ class Service:
         vmm_config, backend_config = resolve_libvirt(self.config)  # [vmm] libvirt = "NAME"
         if vmm_config is not None:
             scratch = os.path.dirname(os.path.abspath(self.socket_path))
-            self.vmm = VmmLink(
-                vmm_config, self, grace=vmm_config.disconnect_grace, scratch_dir=scratch
+            self.vmm = self.hooks.vmm = VmmLink(
+                vmm_config, self.hooks, grace=vmm_config.disconnect_grace, scratch_dir=scratch
             )
             self.vmm.start()
         if self.vmm is not None and getattr(self.config.backend, "ram", None) == "auto":
@@ -219,6 +225,7 @@ class Service:
             self.eventfds.close()
         if self._skeys_task is not None:
             self._skeys_task.cancel()
+        await self.hooks.close()
         if self.vmm is not None:
             await self.vmm.stop()
         if self._metrics is not None:
@@ -299,69 +306,11 @@ class Service:
         log.warning("config reload refused, keeping the old config: %s", why)
         return f"refused: {why}"
 
-    # ---------------------------------------------------- VMM link hooks
-
-    def hold(self, reason: str) -> None:
-        """Hold notifications for ``reason``."""
-        self.holds.hold(reason)
-
-    def release(self, reason: str) -> None:
-        """Drop ``reason``; resume when nothing holds any more."""
-        self.holds.release(reason)
-
-    def unavailable(self, reason: str) -> None:
-        """QEMU is gone: fail pending and new notifications."""
-        engine = self._engine()
-        if engine is not None:
-            engine.set_unavailable(reason)
-            if self.holds:
-                engine.pause()
-
-    def available(self) -> None:
-        """QEMU is back."""
-        engine = self._engine()
-        if engine is not None:
-            engine.set_available()
-
-    def reset(self) -> None:
-        """The guest was reset: drop its devices, clear suppression state."""
-        self.registry.drop_guest("guest-reset")
-        engine = self._engine()
-        if engine is not None:
-            engine.reset_suppression()
-
-    def replaced(self) -> None:
-        """A different QEMU answers now: its guest registered nothing yet."""
-        self.registry.drop_guest("qemu-replaced")
-
-    def rebooting(self) -> None:
-        """The guest asked for a reboot and QEMU paused it (``manage_reboot``): drop the
-        guest's devices now, then reset and continue the VM once their bits are closed."""
-        task = asyncio.get_running_loop().create_task(self.guest_reset("guest-reset"))
-        self._reboots.add(task)
-        task.add_done_callback(self._reboot_done)
-
-    def _reboot_done(self, task: asyncio.Task[list[str]]) -> None:
-        self._reboots.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("resetting the guest after its reboot failed: %s", task.exception())
+    # ---------------------------------------------------- for the commands
 
     async def guest_reset(self, reason: str) -> list[str]:
-        """Drop every ``guest`` device (before any further notification is applied), then,
-        with a VMM link, ``system_reset`` and ``cont`` the VM; the names dropped."""
-        self.holds.hold("guest-reset")
-        try:
-            names, narrowing = self.registry.drop_guest(reason)
-            engine = self._engine()
-            if engine is not None:
-                engine.reset_suppression()
-            if narrowing is not None:
-                await narrowing  # the removed bits are closed before the guest runs again
-            if self.vmm is not None:
-                await self.vmm.reset_and_continue()
-        finally:
-            self.holds.release("guest-reset")
-        return names
+        """Drop the guest's devices, then reset and continue the VM (see :class:`GuestHooks`)."""
+        return await self.hooks.guest_reset(reason)
 
     def may_manage(self, peer: PeerCredentials) -> bool:
         """Whether ``peer`` may add and remove devices and reset the guest."""
@@ -372,12 +321,18 @@ class Service:
             uids = {0, os.getuid()}
         return peer.uid in uids or peer.gid in gids
 
-    def vmm_state(self, status: str, data: dict[str, Any]) -> None:
-        """Broadcast ``VMM_STATE``."""
-        if self.server is not None:
-            self.server.broadcast_event("VMM_STATE", {"status": status, **data})
+    def describe_adapters(self) -> list[dict[str, Any]]:
+        """``query-adapters``."""
+        return describe_adapters(self.engine, self.registry)
 
-    async def attached(self) -> None:
+    def describe_stats(self) -> dict[str, Any]:
+        """``query-stats``."""
+        generation = self.wiring.backend.generation if self.wiring else None
+        return describe_stats(self.engine, self.eventfds, self.holds, self.vmm, generation)
+
+    # ---------------------------------------------------- a new QEMU
+
+    async def _attached(self) -> None:
         """QEMU (re)connected: with ``ram = "auto"``, map its RAM file if it is a new one.
 
         A QEMU restarted behind the same QMP socket has a new RAM file (or a
@@ -449,47 +404,6 @@ class Service:
         if not uids and not gids:
             uids = {0, os.getuid()}
         return peer.uid in uids or peer.gid in gids  # the server logs a refusal
-
-    def describe_adapters(self) -> list[dict[str, Any]]:
-        """``query-adapters``: config, live bits and suppression per adapter."""
-        engine = self.engine
-        result = []
-        for adapter in engine.model.adapters.values():
-            simm, nimm = engine.suppression.state(adapter.isc)
-            result.append(
-                {
-                    "id": adapter.id,
-                    "name": adapter.name,
-                    "isc": adapter.isc,
-                    "kind": adapter.kind,
-                    "suppressible": adapter.suppressible,
-                    "simm": simm,
-                    "nimm": nimm,
-                    "devices": [
-                        {
-                            **describe_device(d, engine.backend.read),
-                            "lifetime": self.registry.lifetimes.get(d.name, "persistent"),
-                        }
-                        for d in adapter.devices
-                    ],
-                }
-            )
-        return result
-
-    def describe_stats(self) -> dict[str, Any]:
-        """``query-stats``."""
-        return {
-            **self.engine.stats.as_dict(),
-            "pending": self.engine.pending,
-            "paused": self.engine.paused,
-            "holds": list(self.holds),
-            "unavailable": self.engine.unavailable,
-            "eventfd-signals": self.eventfds.signals,
-            "eventfds": self.eventfds.describe(),
-            "vmm": self.vmm.status if self.vmm else None,
-            "owns-reboot": self.vmm.owns_reboot if self.vmm else False,
-            "kernel-generation": self.wiring.backend.generation if self.wiring else None,
-        }
 
 
 def _version_tuple() -> tuple[int, int, int]:

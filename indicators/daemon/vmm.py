@@ -10,12 +10,14 @@ turns what it hears into calls on a :class:`VmmHooks` (the daemon):
   cancelled;
 - ``RESET``: the guest's registrations are void: drop its devices, clear
   adapter state (suppression);
-- a different QEMU (another pid) behind the socket after a reconnect: drop
-  the guest's devices before notifications are accepted again;
+- a reconnect: drop the guest's devices before notifications are accepted
+  again (another QEMU's guest registered nothing; the same QEMU's guest may
+  have reset while the link was down);
 - ``manage_reboot``: at every connect ``set-action`` makes a guest reboot
   pause the VM (``SHUTDOWN`` reason ``guest-reset``) instead of resetting
   it; the hooks then drop the guest's devices and reset and continue the
-  VM themselves (``system_reset``, ``cont``);
+  VM themselves (``system_reset``, ``cont``); a guest poweroff, paused by
+  the same setting, is finished with ``quit`` as QEMU's default would;
 - ``SHUTDOWN`` and a lost connection: hold, then, after a grace period
   without QEMU, refuse notifications with a clear error; reconnect with
   exponential backoff and accept again when QEMU is back (after the hooks'
@@ -90,8 +92,9 @@ class VmmHooks(Protocol):
     def reset(self) -> None:
         """The guest was reset: drop its devices, clear adapter state."""
 
-    def replaced(self) -> None:
-        """A different QEMU answers on the socket: drop the old guest's devices."""
+    def replaced(self, reason: str) -> None:
+        """Connected again: ``"qemu-replaced"`` (another QEMU) or ``"vmm-reconnected"``
+        (the same one, whose guest may have reset unseen): drop the guest's devices."""
 
     def rebooting(self) -> None:
         """The guest rebooted and QEMU paused it (``manage_reboot``): drop its devices,
@@ -153,6 +156,7 @@ class VmmLink:
         #: Whether QEMU accepted to pause on a guest reboot (``manage_reboot``).
         self.owns_reboot = False
         self._reset_seen = asyncio.Event()
+        self._quits: set[asyncio.Task[None]] = set()
         #: Seconds a dump-skeys (the command and the read) may take.
         self.skeys_timeout = 10.0
 
@@ -254,8 +258,11 @@ class VmmLink:
             self.connects += 1
             peer = self.peer()
             pid = peer.pid if peer is not None else None
-            if self.connects > 1 and (pid is None or pid != self._qemu_pid):
-                self.hooks.replaced()  # before anything is released: a new guest
+            if self.connects > 1:
+                # Before anything is released.  The same QEMU may have reset its guest
+                # while the link was down (a RESET nobody heard): its devices go too.
+                same = pid is not None and pid == self._qemu_pid
+                self.hooks.replaced("vmm-reconnected" if same else "qemu-replaced")
             self._qemu_pid = pid
             if self.config.manage_reboot:
                 await self._own_reboot(client)
@@ -266,6 +273,12 @@ class VmmLink:
             self.hooks.available()
             status = str(reply["status"]) if isinstance(reply, dict) else "unknown"
             self._follow_status(status)
+            if self.owns_reboot and status == "shutdown":
+                # Paused by our set-action while nobody listened: a reboot or a poweroff,
+                # QEMU no longer says which.  Leave the decision to a person.
+                log.warning("QEMU at %s is paused after a guest reboot or poweroff the daemon "
+                            "missed; guest-reset restarts the guest, quit ends it",
+                            self.config.qmp_socket)  # fmt: skip
             self.hooks.release("disconnected")
             self._connected.set()
             self._report("connected", logging.INFO, "connected to QEMU at %s (%s)",
@@ -289,6 +302,18 @@ class VmmLink:
             # An older QEMU: the RESET event still drops the guest's devices, only later.
             log.error("manage_reboot: QEMU at %s refused set-action (%s); a guest reboot is "
                       "seen only by its RESET event", self.config.qmp_socket, exc)  # fmt: skip
+
+    def _finish_shutdown(self) -> None:
+        async def quit_qemu() -> None:
+            try:
+                await self.execute("quit")
+            except (QMPError, RuntimeError, EOFError, OSError) as exc:
+                log.warning("quitting QEMU at %s after the guest's shutdown failed: %s",
+                            self.config.qmp_socket, exc)  # fmt: skip
+
+        task = asyncio.get_running_loop().create_task(quit_qemu())
+        self._quits.add(task)
+        task.add_done_callback(self._quits.discard)
 
     async def _events(self, listener: Any) -> None:
         async for event in listener:
@@ -329,6 +354,10 @@ class VmmLink:
             # guest's own, and a system_reset someone else sent.
             if self.owns_reboot and data.get("reason") in _RESET_CAUSES:
                 self.hooks.rebooting()
+            elif self.owns_reboot and data.get("guest"):
+                # The guest powered off: ``shutdown: "pause"`` (set for the reboots) kept
+                # QEMU alive; finish it as QEMU's default action would have.
+                self._finish_shutdown()
         elif name == "MIGRATION":
             if data.get("status") in _MIGRATING:
                 self.hooks.hold("migration")
