@@ -20,7 +20,7 @@ from indicators.testing.layout import GuestLayout, guest_layout
 from indicators.testing.reboot import torture
 from indicators.testing.rig import DEFAULT_DEVICES, IndicatorsRig, daemon_config
 
-REBOOTS = 200
+REBOOTS = 500
 
 
 def _require_tools() -> None:

@@ -64,6 +64,7 @@ ENGINE = "indicators/engine.py"
 BITOR = "indicators/bitor.py"
 SESSION = "indicators/daemon/qmp_session.py"
 GUEST = "indicators/testing/guest/airq.S"
+HOOKS = "indicators/daemon/guesthooks.py"
 
 ACK_WITHOUT_WRITE = Patch(
     ENGINE,
@@ -283,7 +284,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "reboot: guest devices dropped after the VM runs again (QEMU)",
         (
             Patch(
-                SERVICE,
+                HOOKS,
                 '        self.holds.hold("guest-reset")\n'
                 "        try:\n"
                 "            names, narrowing = self.registry.drop_guest(reason)\n",
@@ -293,7 +294,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "            names, narrowing = self.registry.drop_guest(reason)\n",
             ),
             Patch(
-                SERVICE,
+                HOOKS,
                 "            if self.vmm is not None:\n"
                 "                await self.vmm.reset_and_continue()\n"
                 "        finally:\n"
@@ -301,7 +302,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "        finally:\n            pass\n",
             ),
             Patch(
-                SERVICE,
+                HOOKS,
                 '        """The guest was reset: drop its devices, clear suppression state."""\n'
                 '        self.registry.drop_guest("guest-reset")\n',
                 '        """The guest was reset: drop its devices, clear suppression state."""\n',
