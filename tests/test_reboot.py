@@ -137,3 +137,25 @@ async def test_plugin_driver_mode_as_documented(indicators_rig: Any, indicators_
     counts = await indicators_rig.park()
     assert counts == {("net0", 1): 1}  # consumed in boot 1 or found left over by boot 2
     assert indicators_rig.driver_stats().stray == 0
+
+
+KEYED = [{**d, "key": 3} for d in DEFAULT_DEVICES]
+
+
+@pytest.mark.indicators_layout(
+    KEYED, driver=DriverSlots(slots=3), config={"vmm": {"manage_reboot": True}}
+)
+async def test_keyed_devices_keep_their_key_in_every_slot(
+    indicators_rig: Any, indicators_qmp: Any
+) -> None:
+    """Each boot's pages carry the template's storage key, so a keyed device's
+    notifications succeed wherever the boot put it (code 4 otherwise)."""
+    keys = await indicators_rig.storage_keys()
+    for slot in range(3):
+        assert keys[0x31000 + slot * 0x4000].acc == 3
+    for boot in (1, 2, 3, 4):
+        names = await indicators_rig.register(indicators_qmp)
+        await indicators_qmp.execute("notify", {"device": names["pci0"], "vector": [boot]})
+        assert await indicators_rig.reboot_guest() == boot + 1
+    counts = await indicators_rig.park()
+    assert counts == {("pci0", v): 1 for v in (1, 2, 3, 4)}

@@ -42,7 +42,7 @@ from qemu.qmp import QMPClient
 
 from indicators.guestmem import GuestMemory
 from indicators.testing.errors import RigError
-from indicators.testing.guest import FREE_GADDR, Area, Layout
+from indicators.testing.guest import FREE_GADDR, PAGE_SIZE, Area, Layout
 from indicators.testing.layout import GuestLayout
 
 __all__ = [
@@ -104,6 +104,13 @@ class DriverSlots:
                         f"area {what} {lo:#x}-{hi:#x} outside slot 0 "
                         f"({self.base:#x}+{self.size:#x})"
                     )
+
+    def keys_for_slots(self, keys: Mapping[int, int]) -> dict[int, int]:
+        """``{page gaddr: key}`` for slot 0 repeated in every slot (the guest sets them
+        all at every boot, so a keyed device keeps its key wherever a boot puts it)."""
+        if keys and self.size % PAGE_SIZE:
+            raise ValueError(f"slot size {self.size:#x}: keyed pages need a multiple of 4 KiB")
+        return {page + i * self.size: key for page, key in keys.items() for i in range(self.slots)}
 
     def encode(self) -> bytes:
         """The driver block the host writes before the first boot."""

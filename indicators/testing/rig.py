@@ -179,6 +179,8 @@ class IndicatorsRig:
             keys = (
                 derived_storage_keys(self.config.devices) if storage_keys is None else storage_keys
             )
+            if driver is not None:  # every slot's pages get slot 0's keys
+                keys = driver.keys_for_slots(keys)
             #: ``{page gaddr: key byte}`` the guest sets.
             self.storage_key_settings: dict[int, int] = dict(keys)
             #: The guest's layout and counter map.
