@@ -39,6 +39,7 @@ Memory map (guest absolute addresses)
 =================  ===================================================
 0x0000-0x1fff      lowcore: new PSWs at 0x1a0-0x1ff, register save 0x200
 0x2000-0x2fff      parameter block (:data:`PARAM_GADDR`)
+0x3000-0x3fff      driver block (:mod:`indicators.testing.driver`, optional)
 0x4000-0x1ffff     results: u64 counters (:data:`RESULTS_GADDR`)
 0x20000-...        the program (ELF, under 4 KiB)
 >= 0x30000         free for indicators (:data:`FREE_GADDR`)

@@ -36,7 +36,14 @@
  * control word, u64 (seq << 32 | command).  A new value is acknowledged by
  * copying it to ack: RUN continues, PARK spins (no scanning) until control
  * changes, STOP loads the quiesce wait PSW (QEMU then shuts down), FAULT
- * executes an invalid opcode (to test the program-check report).
+ * executes an invalid opcode (to test the program-check report), REBOOT
+ * re-IPLs (diag 308 subcode 3).  A boot takes control as acknowledged.
+ *
+ * Driver mode (the host wrote the driver block at 0x3000, see
+ * indicators/testing/driver.py): a boot counter there picks a slot per boot,
+ * the areas move by the slot's offset (P_DELTA), the previous boot's slot is
+ * counted (leftover bits), filled with PATTERN and checked at REBOOT, and one
+ * registration record per area is published.
  */
 
         .set    PARAM,            0x2000
