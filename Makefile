@@ -46,10 +46,13 @@ fuzz: $(STAMP)
 mutations: $(STAMP) system-deps
 	$(PY) tests/mutations/run.py
 
-# The soak against a real QEMU guest; SOAK_SECONDS (default 10 minutes).
+# The soak against a real QEMU guest; SOAK_SECONDS (default 10 minutes), then
+# the reboot torture: SOAK_REBOOTS guest reboots under load (default 1,000).
 SOAK_SECONDS ?= 600
+SOAK_REBOOTS ?= 1000
 soak: $(STAMP) system-deps
 	$(PY) -m indicators.testing.soak --seconds $(SOAK_SECONDS)
+	$(PY) -m indicators.testing.reboot --reboots $(SOAK_REBOOTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -55,6 +55,7 @@ def _area(device: DeviceConfig, counter_base: int, memory_size: int) -> Area:
         first_bit=bits.start % 8,
         n_vectors=len(bits),
         counter_base=counter_base,
+        isc=int(getattr(device, "isc", 0)),
     )
     try:
         area.check(memory_size)

@@ -33,6 +33,24 @@ and the marker ``indicators_layout``, read by the first three::
         assert indicators_oracle.verdict().ok
         assert await indicators_rig.park() == {("net0", 1): 1}
 
+A guest that registers like a driver and reboots itself: ``driver=DriverSlots()``
+in the marker (:mod:`indicators.testing.driver`) starts the daemon with no
+devices; the guest picks its areas per boot (the layout's devices shifted to
+slot ``boot mod slots``) and publishes SET_IND_ADAPTER-shaped records::
+
+    @pytest.mark.indicators_layout(driver=DriverSlots(), config={"vmm": {"manage_reboot": True}})
+    async def test_reboot(indicators_rig, indicators_qmp):
+        names = await indicators_rig.register(indicators_qmp)  # device-add, lifetime guest
+        await indicators_qmp.execute("notify", {"device": names["net0"], "vector": [1]})
+        await indicators_rig.reboot_guest()         # diag 308; returns at the new boot
+        assert indicators_rig.driver_stats().stray == 0
+
+``rig.register(client)`` reads the records and calls ``device-add`` for each
+(names ``<template>-b<boot>``); ``rig.driver_stats()`` has the boot count, the
+stray bytes found in previous boots' areas and the bits a boot found left
+over; :func:`indicators.testing.driver.read_registrations` the records.  The
+torture run is :mod:`indicators.testing.reboot`.
+
 Without QEMU or the s390x assembler the rig's tests skip, saying what to
 install; with the environment variable ``CI`` set they fail instead.
 """
@@ -85,8 +103,8 @@ __all__ = [
 
 MARKER = "indicators_layout"
 _MARKER_HELP = (
-    f"{MARKER}(devices, *, storage_keys=None, config=None, vmm_grace=None, memory_size=None): "
-    "the adapter layout of the indicators_rig fixture (device config dicts)"
+    f"{MARKER}(devices, *, storage_keys=None, config=None, vmm_grace=None, memory_size=None, "
+    "driver=None): the adapter layout of the indicators_rig fixture (device config dicts)"
 )
 
 
@@ -104,7 +122,8 @@ def _marker_kwargs(request: pytest.FixtureRequest) -> dict[str, Any]:
         if len(marker.args) > 1 or "devices" in kwargs:
             raise pytest.UsageError(f"{MARKER}: pass the devices once, as one list")
         kwargs["devices"] = marker.args[0]
-    unknown = set(kwargs) - {"devices", "storage_keys", "config", "vmm_grace", "memory_size"}
+    known = {"devices", "storage_keys", "config", "vmm_grace", "memory_size", "driver"}
+    unknown = set(kwargs) - known
     if unknown:
         raise pytest.UsageError(f"{MARKER}: unknown arguments {sorted(unknown)}")
     return kwargs
@@ -172,6 +191,7 @@ async def indicators_rig(
         config=indicators_config,
         vmm_grace=options.get("vmm_grace"),
         memory_size=options.get("memory_size") or DEFAULT_MEMORY,
+        driver=options.get("driver"),
     )
     async with rig:
         yield rig

@@ -41,7 +41,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -135,6 +135,7 @@ class AirqGuest:
         elf: Path | None = None,
         qemu_args: Sequence[str] = (),
         vmm_socket: str | os.PathLike[str] | None = None,
+        pages: Mapping[int, bytes] | None = None,
     ) -> None:
         if memory_size % (1 << 20):
             raise ValueError(f"memory size {memory_size:#x} is not a multiple of 1 MiB")
@@ -145,6 +146,8 @@ class AirqGuest:
         self._elf = elf
         self._qemu_args = tuple(qemu_args)
         self.vmm_socket = None if vmm_socket is None else os.fspath(vmm_socket)
+        #: ``{gaddr: bytes}`` written into the RAM file before boot (the driver block).
+        self.pages = dict(pages or {})
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: (
@@ -216,6 +219,8 @@ class AirqGuest:
         self._dir = Path(tempfile.mkdtemp(prefix="airq-", dir=self._workdir_parent))
         self._memory = GuestMemory(self.memory_size, str(self._dir / "ram"), create=True)
         self._memory.write(PARAM_GADDR, self.layout.encode())
+        for gaddr, data in self.pages.items():
+            self._memory.write(gaddr, data)
         t0 = time.monotonic()
         command = self.command()
         setpriv = shutil.which("setpriv")
@@ -376,6 +381,11 @@ class AirqGuest:
         report = self.program_check()
         assert report is not None
         return report
+
+    async def reboot(self, *, timeout: float = 5.0) -> None:
+        """Ask the guest to re-IPL itself (``diag 308`` subcode 3); returns once it
+        acknowledged, which it does right before the diag."""
+        await self._command(Command.REBOOT, timeout)
 
     async def wait_rounds(self, n: int = 1, *, timeout: float = 5.0) -> int:
         """Wait until the heartbeat advanced by ``n``; return the new count."""

@@ -53,6 +53,14 @@ from indicators.daemon.service import Service
 from indicators.engine import Engine
 from indicators.guestmem import GuestMemory
 from indicators.testing.delivery import guest_oracle
+from indicators.testing.driver import (
+    DRIVER_GADDR,
+    DriverSlots,
+    DriverStats,
+    read_stats,
+    register_records,
+    wait_published,
+)
 from indicators.testing.errors import RigError
 from indicators.testing.guest import FREE_GADDR, GuestState
 from indicators.testing.layout import GuestLayout, derived_storage_keys, guest_layout
@@ -143,8 +151,13 @@ class IndicatorsRig:
         memory_size: int = DEFAULT_MEMORY,
         vmm_grace: float | None = None,
         workdir: str | None = None,
+        driver: DriverSlots | None = None,
     ) -> None:
         self.memory_size = memory_size
+        #: Driver mode: the guest picks its areas per boot and the daemon starts with
+        #: no devices; :meth:`register` adds them the way a VMM would.
+        self.driver = driver
+        self._templates = {str(d["name"]): dict(d) for d in devices}
         self._dir = Path(tempfile.mkdtemp(prefix="indicators-rig-", dir=workdir))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
@@ -158,15 +171,22 @@ class IndicatorsRig:
                 vmm_socket=str(self._dir / "vmm.sock"),
                 overrides=overrides,
             )
-            #: The daemon's validated config.
+            #: The daemon's validated config (in driver mode: the template devices).
             self.config: Config = parse_config(raw, "<indicators rig>")
+            self._daemon_config = self.config
+            if driver is not None:
+                self._daemon_config = parse_config({**raw, "devices": []}, "<indicators rig>")
             keys = (
                 derived_storage_keys(self.config.devices) if storage_keys is None else storage_keys
             )
+            if driver is not None:  # every slot's pages get slot 0's keys
+                keys = driver.keys_for_slots(keys)
             #: ``{page gaddr: key byte}`` the guest sets.
             self.storage_key_settings: dict[int, int] = dict(keys)
             #: The guest's layout and counter map.
             self.layout: GuestLayout = guest_layout(self.config.devices, keys, memory_size)
+            if driver is not None:
+                driver.check(self.layout.layout, memory_size)
         except BaseException:
             self._cleanup()
             raise
@@ -194,7 +214,7 @@ class IndicatorsRig:
         undone on failure."""
         try:
             await self.start_qemu()
-            service = Service(self.config)
+            service = Service(self._daemon_config)
             self._service = service
             await service.start()
             await self._wait_keys_loaded(service, 10.0)
@@ -238,6 +258,7 @@ class IndicatorsRig:
             memory_size=self.memory_size,
             workdir=str(self._dir),
             vmm_socket=self._dir / "vmm.sock",
+            pages={} if self.driver is None else {DRIVER_GADDR: self.driver.encode()},
         )
         await guest.start(timeout=timeout)
         self._guest = guest
@@ -328,6 +349,31 @@ class IndicatorsRig:
         await client.connect(self.control_socket)
         self._clients.append(client)
         return client
+
+    # ------------------------------------------------------- driver mode
+
+    def driver_stats(self) -> DriverStats:
+        """The guest's boot, stray-byte and leftover counters (driver mode)."""
+        return read_stats(self.guest.memory)
+
+    async def wait_boot(self, boot: int, *, timeout: float = 10.0) -> None:
+        """Wait until the guest published the records of boot ``boot`` (or a later one)."""
+        await wait_published(self.guest.memory, boot, timeout)
+
+    async def register(self, client: QMPClient) -> dict[str, str]:
+        """Play the VMM: ``device-add`` (lifetime ``guest``) this boot's registration
+        records as ``<template name>-b<boot>``; returns template -> live name."""
+        if self.driver is None:
+            raise RigError("register() needs a rig in driver mode")
+        return await register_records(self.guest.memory, self.layout, self._templates, client)
+
+    async def reboot_guest(self, *, timeout: float = 10.0) -> int:
+        """Have the guest reboot itself (``diag 308``); returns the new boot's number once
+        its records are out (with ``manage_reboot`` the daemon dropped the old devices)."""
+        boot = self.driver_stats().boots
+        await self.guest.reboot()
+        await self.wait_boot(boot + 1, timeout=timeout)
+        return boot + 1
 
     # ---------------------------------------------------------- the guest
 

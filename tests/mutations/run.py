@@ -64,6 +64,8 @@ ENGINE = "indicators/engine.py"
 BATCH = "indicators/batch.py"
 BITOR = "indicators/bitor.py"
 SESSION = "indicators/daemon/qmp_session.py"
+GUEST = "indicators/testing/guest/airq.S"
+HOOKS = "indicators/daemon/guesthooks.py"
 
 ACK_WITHOUT_WRITE = Patch(
     BATCH,
@@ -288,6 +290,46 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
         ("tests/test_soak.py",),
         SOAK,
+    ),
+    Mutation(
+        "reboot: guest devices dropped after the VM runs again (QEMU)",
+        (
+            Patch(
+                HOOKS,
+                '        self.holds.hold("guest-reset")\n'
+                "        try:\n"
+                "            names, narrowing = self.registry.drop_guest(reason)\n",
+                "        try:\n"
+                "            if self.vmm is not None:\n"
+                "                await self.vmm.reset_and_continue()\n"
+                "            names, narrowing = self.registry.drop_guest(reason)\n",
+            ),
+            Patch(
+                HOOKS,
+                "            if self.vmm is not None:\n"
+                "                await self.vmm.reset_and_continue()\n"
+                "        finally:\n"
+                '            self.holds.release("guest-reset")\n',
+                "        finally:\n            pass\n",
+            ),
+            Patch(
+                HOOKS,
+                '        """The guest was reset: drop its devices, clear suppression state."""\n'
+                '        self.registry.drop_guest("guest-reset")\n',
+                '        """The guest was reset: drop its devices, clear suppression state."""\n',
+            ),
+        ),
+        ("tests/test_reboot.py", "-k", "torture"),
+    ),
+    Mutation(
+        "reboot: the guest does not count what the previous boot left set (QEMU)",
+        (Patch(GUEST, "15:     brasl   %r14,scan\n", "15:     nopr    %r7\n"),),
+        ("tests/test_reboot.py", "-k", "torture"),
+    ),
+    Mutation(
+        "reboot: the guest does not zero its new areas (QEMU)",
+        (Patch(GUEST, "18:     mvcle   %r2,%r4,0\n        jo      18b\n", ""),),
+        ("tests/test_reboot.py", "-k", "torture"),
     ),
 )
 

@@ -39,6 +39,7 @@ Memory map (guest absolute addresses)
 =================  ===================================================
 0x0000-0x1fff      lowcore: new PSWs at 0x1a0-0x1ff, register save 0x200
 0x2000-0x2fff      parameter block (:data:`PARAM_GADDR`)
+0x3000-0x3fff      driver block (:mod:`indicators.testing.driver`, optional)
 0x4000-0x1ffff     results: u64 counters (:data:`RESULTS_GADDR`)
 0x20000-...        the program (ELF, under 4 KiB)
 >= 0x30000         free for indicators (:data:`FREE_GADDR`)
@@ -87,7 +88,8 @@ Area entry: ``+0x00 u64 summary_gaddr``, ``+0x08 u64 dsci_gaddr``,
 (vector v counts in counter ``counter_base + v``), ``+0x1c u8
 summary_mask``, ``+0x1d u8 group`` (areas from this one to the end of its
 group: areas sharing a summary bit are consecutive, the first one's
-``group`` counts them all; 1 for an area alone), 2 bytes zero.
+``group`` counts them all; 1 for an area alone), ``+0x1e u8 isc`` (only
+published, see :mod:`indicators.testing.driver`), 1 byte zero.
 
 Key entry: ``+0x00 u64 page_gaddr``, ``+0x08 u8 key`` (ACC << 4 | F << 3 |
 R << 2 | C << 1, as SSKE takes it), 7 bytes zero.
@@ -99,7 +101,10 @@ The guest acts on ``control`` between rounds, when it differs from ``ack``,
 and then copies it to ``ack``: RUN continues, PARK spins without scanning
 until ``control`` changes (all counter stores precede the ``ack`` store),
 STOP loads the quiesce wait PSW (address 0xfff, QEMU shuts down), FAULT
-executes opcode 0x0000 (operation exception, to exercise the report).  The
+executes opcode 0x0000 (operation exception, to exercise the report),
+REBOOT re-IPLs with ``diag 308`` subcode 3 (driver mode checks its previous
+slot first, see :mod:`indicators.testing.driver`).  A boot copies
+``control`` to ``ack``: the command before a reboot is done.  The
 sequence number makes every request a new value, so a stale ``ack`` can never
 be mistaken for a fresh one.
 
@@ -167,7 +172,7 @@ AREA_SIZE = 32
 KEY_SIZE = 16
 
 _HEADER = struct.Struct(">8sIIIIQ")
-_AREA = struct.Struct(">QQIIIBB2x")
+_AREA = struct.Struct(">QQIIIBBBx")
 _KEY = struct.Struct(">QB7x")
 _PGM = struct.Struct(">IHHQQQ16Q")
 
@@ -190,6 +195,7 @@ class Command(IntEnum):
     PARK = 1
     STOP = 2
     FAULT = 3
+    REBOOT = 4
 
 
 class ParamError(IntEnum):
@@ -232,6 +238,8 @@ class Area:
     counter_base: int
     first_bit: int = 0
     summary_mask: int = 0x01
+    #: Published in the driver-mode registration record only (+0x1e u8).
+    isc: int = 0
 
     def dsci_bit(self, vector: int) -> tuple[int, int]:
         """``(byte gaddr, mask)`` of ``vector``'s DSCI bit."""
@@ -355,6 +363,7 @@ class Layout:
                     a.counter_base,
                     a.summary_mask,
                     left,
+                    a.isc,
                 )
                 i += 1
         for i, k in enumerate(self.keys):

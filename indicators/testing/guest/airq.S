@@ -36,7 +36,14 @@
  * control word, u64 (seq << 32 | command).  A new value is acknowledged by
  * copying it to ack: RUN continues, PARK spins (no scanning) until control
  * changes, STOP loads the quiesce wait PSW (QEMU then shuts down), FAULT
- * executes an invalid opcode (to test the program-check report).
+ * executes an invalid opcode (to test the program-check report), REBOOT
+ * re-IPLs (diag 308 subcode 3).  A boot takes control as acknowledged.
+ *
+ * Driver mode (the host wrote the driver block at 0x3000, see
+ * indicators/testing/driver.py): a boot counter there picks a slot per boot,
+ * the areas move by the slot's offset (P_DELTA), the previous boot's slot is
+ * counted (leftover bits), filled with PATTERN and checked at REBOOT, and one
+ * registration record per area is published.
  */
 
         .set    PARAM,            0x2000
@@ -87,7 +94,35 @@
         .set    KEY_SIZE,         16
         .set    K_PAGE,           0x00    /* u64 gaddr inside the 4 KiB page */
         .set    K_KEY,            0x08    /* u8 ACC<<4 | F<<3 | R<<2 | C<<1 */
+        .set    A_ISC,            0x1e    /* u8 the adapter's ISC (published only) */
         .set    P_GSAVE,          0xf00   /* guest-internal: scan_group's r10, r11, r14 */
+        .set    P_BSAVE,          0xf18   /* guest-internal: driver_boot's r14 */
+        .set    P_DELTA,          0xf20   /* guest-internal: this boot's slot offset */
+
+        /* driver block: the guest registers like a driver (optional; on
+         * when the host wrote DRV_MAGIC there before the first boot) */
+        .set    DRIVER,           0x3000
+        .set    DRV_MAGIC_HI,     0x41495251      /* "AIRQ" */
+        .set    DRV_MAGIC_LO,     0x44525631      /* "DRV1" */
+        .set    D_MAGIC,          0x000   /* host */
+        .set    D_NSLOTS,         0x008   /* host: u32 slots (>= 2) */
+        .set    D_BOOTS,          0x00c   /* guest: u32 boots so far, this one too */
+        .set    D_SLOT_BASE,      0x010   /* host: u64 gaddr of slot 0 (the template's) */
+        .set    D_SLOT_SIZE,      0x018   /* host: u64 bytes per slot */
+        .set    D_PUBLISHED,      0x020   /* guest: u32 boot whose records are out */
+        .set    D_STRAY,          0x028   /* guest: u64 stray bytes, all checks */
+        .set    D_LAST_STRAY,     0x030   /* guest: u64 stray bytes, last check */
+        .set    D_LEFTOVER,       0x038   /* guest: u64 bits counted at boot */
+        .set    D_CHECKS,         0x040   /* guest: u64 checks done */
+        .set    D_RECORDS,        0x100   /* guest: one record per area */
+        .set    RECORD_SIZE,      32
+        .set    R_SUMMARY,        0x00    /* u64 summary byte gaddr */
+        .set    R_IND,            0x08    /* u64 indicator (DSCI) gaddr */
+        .set    R_BIT,            0x10    /* u64 first indicator bit */
+        .set    R_ISC,            0x18    /* u8 */
+        .set    R_SMASK,          0x19    /* u8 summary mask */
+        .set    R_CBASE,          0x1c    /* u32 counter of vector 0 */
+        .set    PATTERN,          0xa5    /* fill of a previous boot's slot */
 
         .set    ST_RUNNING,       1
         .set    ST_PARKED,        2
@@ -99,6 +134,7 @@
         .set    CMD_PARK,         1
         .set    CMD_STOP,         2
         .set    CMD_FAULT,        3
+        .set    CMD_REBOOT,       4
 
         .set    ERR_MAGIC,        1
         .set    ERR_VERSION,      2
@@ -115,6 +151,16 @@
         .set    LC_PGM_OLD_PSW,   0x150
         .set    LC_NEW_PSWS,      0x1a0   /* restart, ext, svc, pgm, mcck, io */
         .set    LC_SAVE,          0x200   /* program-check register save */
+
+/* %r1 = slot offset of boot %r1 (u32): (boot mod slots) * slot size.
+ * %r9: DRIVER; clobbers %r0. */
+        .macro  SLOT_DELTA
+        llgfr   %r1,%r1
+        lghi    %r0,0
+        dl      %r0,D_NSLOTS(%r9)       /* remainder in %r0 */
+        lgr     %r1,%r0
+        msg     %r1,D_SLOT_SIZE(%r9)
+        .endm
 
         .text
         .globl  _start
@@ -172,6 +218,10 @@ _start:
         brctg   %r10,3b
 4:
         lg      %r12,P_RESULTS(%r13)
+        /* RAM survives a reset: the command before a reboot is done */
+        mvc     P_ACK(8,%r13),P_CONTROL(%r13)
+        xc      P_DELTA(8,%r13),P_DELTA(%r13)
+        brasl   %r14,driver_boot
         mvhi    P_STATE(%r13),ST_RUNNING
 
 /* ------------------------------------------------------------ main loop */
@@ -182,6 +232,7 @@ round:
         jz      round_end
 area:   /* %r11: the first area of a group, %r10: areas left */
         lg      %r1,A_SUMMARY(%r11)
+        ag      %r1,P_DELTA(%r13)
         llc     %r2,0(%r1)
         llc     %r3,A_SMASK(%r11)
         nr      %r2,%r3
@@ -192,6 +243,7 @@ area:   /* %r11: the first area of a group, %r10: areas left */
 
         /* 2. clear the group's summary bit, and only it */
         lg      %r1,A_SUMMARY(%r11)
+        ag      %r1,P_DELTA(%r13)
         lghi    %r2,3
         ngr     %r2,%r1                 /* byte index in its word */
         nill    %r1,0xfffc              /* the aligned word */
@@ -236,6 +288,8 @@ control:
         je      stop
         chi     %r2,CMD_FAULT
         je      fault
+        chi     %r2,CMD_REBOOT
+        je      reboot
         /* RUN, and unknown commands, mean run */
         mvhi    P_STATE(%r13),ST_RUNNING
         stg     %r1,P_ACK(%r13)
@@ -259,6 +313,119 @@ fault:  stg     %r1,P_ACK(%r13)
 fault_insn:
         .word   0x0000                  /* invalid opcode: operation exception */
         j       round
+
+/* ---------------------------------------------------------------- reboot
+ * Check the previous boot's slot (filled with PATTERN at this boot's start;
+ * nobody may write it now), then re-IPL: diag 308 subcode 3.  QEMU makes
+ * that a guest reset request (SHUTDOWN "guest-reset" when its reboot action
+ * is shutdown) and, with -kernel, reloads only the ELF segment.
+ */
+reboot: stg     %r1,P_ACK(%r13)
+        lghi    %r9,DRIVER
+        brasl   %r14,driver_on
+        jne     14f
+        l       %r1,D_BOOTS(%r9)
+        chi     %r1,1
+        je      14f                     /* no previous slot yet */
+        ahi     %r1,-1
+        SLOT_DELTA
+        lg      %r2,D_SLOT_BASE(%r9)
+        agr     %r2,%r1
+        lg      %r3,D_SLOT_SIZE(%r9)
+        lghi    %r4,0
+12:     cli     0(%r2),PATTERN
+        je      13f
+        aghi    %r4,1
+13:     la      %r2,1(%r2)
+        brctg   %r3,12b
+        stg     %r4,D_LAST_STRAY(%r9)
+        ag      %r4,D_STRAY(%r9)
+        stg     %r4,D_STRAY(%r9)
+        agsi    D_CHECKS(%r9),1
+14:     lghi    %r3,3                   /* subcode 3: load clear (re-IPL) */
+        diag    %r1,%r3,0x308
+        j       round                   /* not reached */
+
+/* ------------------------------------------------------------ driver_on
+ * CC 0 when the host asked for driver mode (%r9: DRIVER); clobbers %r1. */
+driver_on:
+        larl    %r1,drv_magic
+        clc     D_MAGIC(8,%r9),0(%r1)
+        br      %r14
+
+/* ---------------------------------------------------------- driver_boot
+ * Driver mode, at every boot: count the boots, count the bits the previous
+ * boot left set in its slot (its counters go on), fill that slot with
+ * PATTERN, zero this boot's slot (boot number mod slots) and publish one
+ * registration record per area at its new addresses; D_PUBLISHED last.
+ */
+driver_boot:
+        stg     %r14,P_BSAVE(%r13)
+        lghi    %r9,DRIVER
+        brasl   %r14,driver_on
+        jne     db_done
+        l       %r1,D_BOOTS(%r9)
+        ahi     %r1,1
+        st      %r1,D_BOOTS(%r9)
+        chi     %r1,1
+        je      db_fresh
+        ahi     %r1,-1
+        SLOT_DELTA
+        stg     %r1,P_DELTA(%r13)
+        mvc     P_SCRATCH(8,%r13),P_CLEARED(%r13)
+        llgf    %r10,P_NAREAS(%r13)
+        la      %r11,P_AREAS(%r13)
+        ltgr    %r10,%r10
+        jz      16f
+15:     brasl   %r14,scan
+        la      %r11,AREA_SIZE(%r11)
+        brctg   %r10,15b
+16:     lghi    %r9,DRIVER              /* scan clobbered it */
+        lg      %r1,P_CLEARED(%r13)
+        sg      %r1,P_SCRATCH(%r13)
+        ag      %r1,D_LEFTOVER(%r9)
+        stg     %r1,D_LEFTOVER(%r9)
+        lg      %r2,D_SLOT_BASE(%r9)
+        ag      %r2,P_DELTA(%r13)
+        lg      %r3,D_SLOT_SIZE(%r9)
+        lghi    %r4,0
+        lghi    %r5,0
+17:     mvcle   %r2,%r4,PATTERN
+        jo      17b
+db_fresh:
+        l       %r1,D_BOOTS(%r9)
+        SLOT_DELTA
+        stg     %r1,P_DELTA(%r13)
+        lg      %r2,D_SLOT_BASE(%r9)
+        agr     %r2,%r1
+        lg      %r3,D_SLOT_SIZE(%r9)
+        lghi    %r4,0
+        lghi    %r5,0
+18:     mvcle   %r2,%r4,0
+        jo      18b
+        llgf    %r10,P_NAREAS(%r13)
+        la      %r11,P_AREAS(%r13)
+        la      %r8,D_RECORDS(%r9)
+        ltgr    %r10,%r10
+        jz      20f
+19:     lg      %r1,A_SUMMARY(%r11)
+        ag      %r1,P_DELTA(%r13)
+        stg     %r1,R_SUMMARY(%r8)
+        lg      %r1,A_DSCI(%r11)
+        ag      %r1,P_DELTA(%r13)
+        stg     %r1,R_IND(%r8)
+        llgf    %r1,A_FIRST(%r11)
+        stg     %r1,R_BIT(%r8)
+        mvc     R_ISC(1,%r8),A_ISC(%r11)
+        mvc     R_SMASK(1,%r8),A_SMASK(%r11)
+        mvc     R_CBASE(4,%r8),A_CBASE(%r11)
+        la      %r8,RECORD_SIZE(%r8)
+        la      %r11,AREA_SIZE(%r11)
+        brctg   %r10,19b
+20:     mvc     D_PUBLISHED(4,%r9),D_BOOTS(%r9)
+db_done:
+        lg      %r14,P_BSAVE(%r13)
+        br      %r14
 
 /* ----------------------------------------------------------- scan_group
  * Scan every area of the group starting at %r11 (A_GROUP areas).  Clobbers
@@ -287,6 +454,7 @@ scan:
         llgf    %r3,A_NVEC(%r11)
         algr    %r3,%r2                 /* end */
         lg      %r4,A_DSCI(%r11)
+        ag      %r4,P_DELTA(%r13)
         sllg    %r4,%r4,3               /* DSCI as a bit address */
 scan_dw:
         clgr    %r2,%r3
@@ -410,3 +578,5 @@ bad_params_psw:
         .quad   0x0002000180000000, 0xdead0ba0
 quiesce_psw:
         .quad   0x0002000180000000, 0x00000fff
+drv_magic:
+        .long   DRV_MAGIC_HI, DRV_MAGIC_LO
