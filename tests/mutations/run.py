@@ -153,7 +153,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "every peer admitted by default",
-        (Patch(SERVICE, "            uids = {0, os.getuid()}\n", "            return True\n"),),
+        (
+            Patch(
+                SERVICE,
+                "            uids = {0, os.getuid()}\n"
+                "        return peer.uid in uids or peer.gid in gids  # the server logs a "
+                "refusal\n",
+                "            return True\n"
+                "        return peer.uid in uids or peer.gid in gids  # the server logs a "
+                "refusal\n",
+            ),
+        ),
         ("tests/test_service_config.py", "-k", "peer_policy"),
     ),
     Mutation(
@@ -161,9 +171,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Patch(
                 SERVICE,
-                "        return model, "
-                "ConfinedBackend(self.wiring.backend, model.allowed_bits())\n",
-                "        return model, self.wiring.backend\n",
+                "self.model, self.registry.confine(self.wiring.backend), self.wiring.sink,",
+                "self.model, self.wiring.backend, self.wiring.sink,",
             ),
         ),
         ("tests/test_service_config.py", "-k", "write_guard"),
@@ -218,47 +227,61 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Patch(
                 SERVICE,
-                "        for listener in old._listeners:\n            engine.subscribe(listener)\n",
-                "",
+                "        self.engine.policy = new.retry\n",
+                "        self.engine.policy = new.retry\n        self.engine._listeners.clear()\n",
             ),
         ),
         ("tests/test_service_reload.py", "-k", "listeners"),
     ),
     Mutation(
         "suppression state lost on reload",
-        (Patch(SERVICE, "        engine.simm, engine.nimm = old.simm, old.nimm\n", ""),),
+        (
+            Patch(
+                SERVICE,
+                "        self.engine.policy = new.retry\n",
+                "        self.engine.policy = new.retry\n        self.engine.reset_suppression()\n",
+            ),
+        ),
         ("tests/test_service_reload.py", "-k", "suppression"),
     ),
     Mutation(
         "retry policy lost on reload",
-        (
-            Patch(
-                SERVICE,
-                "Engine(*self._confined(model), old.sink, new.retry, old.stats)",
-                "Engine(*self._confined(model), old.sink, None, old.stats)",
-            ),
-        ),
+        (Patch(SERVICE, "        self.engine.policy = new.retry\n", ""),),
         ("tests/test_service_reload.py", "-k", "retry_policy"),
     ),
     Mutation(
         "holds lost on reload",
-        (Patch(SERVICE, "        if old.paused:\n            engine.pause()\n", ""),),
-        ("tests/test_service_reload.py", "-k", "holds"),
-    ),
-    Mutation(
-        "reload accepted with an eventfd on a removed device",
         (
             Patch(
                 SERVICE,
-                "            if target is None or int(str(vector)) >= target.vectors:\n",
-                "            if False:\n",
+                "        self.engine.policy = new.retry\n",
+                "        self.engine.policy = new.retry\n        self.engine.resume()\n",
+            ),
+        ),
+        ("tests/test_service_reload.py", "-k", "holds"),
+    ),
+    Mutation(
+        "a reload keeps the eventfds of a removed device",
+        (
+            Patch(
+                "indicators/daemon/registry.py",
+                "                self.eventfds.detach_device(name)\n",
+                "                pass\n",
             ),
         ),
         ("tests/test_service_reload.py", "-k", "eventfd"),
     ),
     Mutation(
-        "reload accepted with notifications pending",
-        (Patch(SERVICE, "        if self.engine.pending:\n", "        if False:\n"),),
+        "reload refused while notifications are pending",
+        (
+            Patch(
+                SERVICE,
+                "        self.engine.policy = new.retry\n",
+                "        self.engine.policy = new.retry\n"
+                "        if self.engine.pending:\n"
+                "            return self._reload_refused('notifications are pending')\n",
+            ),
+        ),
         ("tests/test_service_reload.py", "-k", "pending"),
     ),
     Mutation(
