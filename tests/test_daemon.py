@@ -18,7 +18,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -522,9 +521,7 @@ async def test_100000_eventfd_writes_from_another_process_all_applied(
             pass_fds=(efd, go_read),
         )
         try:
-            started = time.monotonic()
             await wait_until(lambda: service.eventfds.signals == writes - 1, timeout=30.0)
-            elapsed = time.monotonic() - started
             await service.eventfds.drain()
             await service.engine.drain()
             assert memory.load(byte, 1) == mask
@@ -548,7 +545,6 @@ async def test_100000_eventfd_writes_from_another_process_all_applied(
     # Each read is one notification, however many writes it coalesced.
     assert stats["notifications"] == stats["applied"] == source["reads"]
     assert 1 <= source["reads"] <= writes
-    assert elapsed < 20.0
 
 
 # --------------------------------------------------------- many clients
