@@ -14,12 +14,15 @@ storage keys behind it at hand.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
+from daemon_helpers import Client, qmp_client, start_service
 
+from indicators.daemon.service import Service
 from indicators.memop import EmulatedBackend, KvmBackend, MemopBackend
 from indicators.memop.kernel import EmulatedKvm
 
@@ -110,3 +113,21 @@ def emulated_backend() -> Iterator[EmulatedBackend]:
 def memop_rig(request: pytest.FixtureRequest, emulated_backend: EmulatedBackend) -> MemopRig:
     """Each memop backend in turn, over a fresh emulated guest."""
     return emulated_rig(request.param, emulated_backend)
+
+
+# ------------------------------------------------- an in-process daemon
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
+    """A started :class:`Service` on :func:`daemon_helpers.daemon_config`, stopped after."""
+    started = await start_service(tmp_path)
+    yield started
+    await started.stop(grace=1.0)
+
+
+@pytest.fixture
+async def client(service: Service) -> AsyncIterator[Client]:
+    """A ``qemu.qmp`` client connected to :func:`service`'s control socket."""
+    async with qmp_client(service.socket_path) as connected:
+        yield connected

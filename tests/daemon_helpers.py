@@ -27,6 +27,11 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from indicators.config import parse_config
+from indicators.daemon.service import Service
+from indicators.guestmem import GuestMemory
+from indicators.memop import EmulatedBackend
+
 TIMEOUT = 10.0
 MEMORY = 1 << 20
 
@@ -248,9 +253,7 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(
-        cls, path: str, *, negotiate: bool = True, limit: int = 1 << 20
-    ) -> RawClient:
+    async def connect(cls, path: str, *, negotiate: bool = True, limit: int = 1 << 20) -> RawClient:
         """Connect, read the greeting and (by default) negotiate; ``limit`` bounds how
         much the client buffers before it stops reading the socket."""
         raw = cls(*await asyncio.open_unix_connection(path, limit=limit))
@@ -340,3 +343,24 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# ------------------------------------------------------- the daemon in-process
+
+
+async def start_service(tmp_path: Path, **sections: Any) -> Service:
+    """A :class:`Service` started from :func:`daemon_config` written to a TOML file
+    (so that a SIGHUP reload has a file to read), its socket in ``tmp_path``."""
+    raw = daemon_config(tmp_path / "control.sock", **sections)
+    path = write_config(tmp_path / "daemon.toml", raw)
+    service = Service(parse_config(raw, "<test>"), config_path=str(path))
+    await service.start()
+    return service
+
+
+def memory_of(service: Service) -> GuestMemory:
+    """The guest memory behind a started service's emulated backend."""
+    assert service.wiring is not None
+    backend = service.wiring.backend
+    assert isinstance(backend, EmulatedBackend)
+    return backend.memory

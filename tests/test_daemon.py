@@ -18,7 +18,6 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,10 @@ from daemon_helpers import (
     daemon_config,
     eventfd_writer,
     kill_quietly,
+    memory_of,
     qmp_client,
     running_daemon,
+    start_service,
     wait_until,
     write_config,
 )
@@ -54,40 +55,12 @@ from indicators.daemon.qmp_server import QmpServer
 from indicators.daemon.service import Service
 from indicators.engine import NotifyError
 from indicators.guestmem import GuestMemory
-from indicators.memop import EmulatedBackend
 
 NET_ADAPTER, PCI_ADAPTER, ROUTE_ADAPTER, LOCKED_ADAPTER = 3, 1 << 3 | 2, 0x40, 4
 COMMANDS = {spec.name for spec in COMMAND_TABLE} | set(QmpServer.BUILTINS)
 
 
 # ------------------------------------------------------------------ fixtures
-
-
-async def start_service(tmp_path: Path, **sections: Any) -> Service:
-    raw = daemon_config(tmp_path / "control.sock", **sections)
-    service = Service(parse_config(raw, "<test>"))
-    await service.start()
-    return service
-
-
-@pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    service = await start_service(tmp_path)
-    yield service
-    await service.stop(grace=1.0)
-
-
-@pytest.fixture
-async def client(service: Service) -> AsyncIterator[Client]:
-    async with qmp_client(service.socket_path) as client:
-        yield client
-
-
-def memory_of(service: Service) -> GuestMemory:
-    assert service.wiring is not None
-    backend = service.wiring.backend
-    assert isinstance(backend, EmulatedBackend)
-    return backend.memory
 
 
 def is_set(memory: GuestMemory, gaddr: int, number: int) -> bool:
@@ -234,7 +207,10 @@ async def test_failed_notify_reports_code_and_event(service: Service, client: Cl
     data = event["data"]
     assert (data["device"], data["vector"], data["code"]) == ("locked", 1, "4")
     assert (data["where"], data["gaddr"], data["size"], data["key"]) == (
-        "summary", LOCKED_PAGE, 1, 5
+        "summary",
+        LOCKED_PAGE,
+        1,
+        5,
     )
     assert data["count"] == 2 and data["codes"] == {"4": 2}
     assert [(f["vector"], f["code"]) for f in data["first"]] == [(1, "4"), (2, "4")]

@@ -11,7 +11,7 @@ import asyncio
 import errno
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from daemon_helpers import (
     Client,
     bit_of,
     daemon_config,
+    memory_of,
     qmp_client,
+    start_service,
     wait_until,
     write_config,
 )
@@ -32,8 +34,7 @@ from qemu.qmp import ExecuteError
 
 from indicators.config import ConfigError, parse_config
 from indicators.daemon.service import Service
-from indicators.guestmem import GuestMemory
-from indicators.memop import EmulatedBackend, MemopBackend, MemopError
+from indicators.memop import MemopBackend, MemopError
 from indicators.memop.base import TransientError
 
 #: Where the runtime devices of these tests put their bits (free in daemon_config's layout).
@@ -51,34 +52,6 @@ def new_device(name: str = "vnet1", **fields: Any) -> dict[str, Any]:
         "isc": 3,
         **fields,
     }
-
-
-async def start_service(tmp_path: Path, **sections: Any) -> Service:
-    raw = daemon_config(tmp_path / "control.sock", **sections)
-    path = write_config(tmp_path / "daemon.toml", raw)
-    service = Service(parse_config(raw, "<test>"), config_path=str(path))
-    await service.start()
-    return service
-
-
-@pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    service = await start_service(tmp_path)
-    yield service
-    await service.stop(grace=1.0)
-
-
-@pytest.fixture
-async def client(service: Service) -> AsyncIterator[Client]:
-    async with qmp_client(service.socket_path) as client:
-        yield client
-
-
-def memory_of(service: Service) -> GuestMemory:
-    assert service.wiring is not None
-    backend = service.wiring.backend
-    assert isinstance(backend, EmulatedBackend)
-    return backend.memory
 
 
 def is_set(service: Service, gaddr: int, number: int) -> bool:

@@ -268,6 +268,10 @@ class KvmBackend(MemopBackend):
         size = len(buffer)
         mop = self._fill(ops, gaddr, size, op, 0, key)
         mop.buf = ctypes.addressof(buffer)
+        self._run_plain(ops, gaddr, size, key)
+
+    def _run_plain(self, ops: _Operands, gaddr: int, size: int, key: int | None) -> None:
+        """Issue a filled read/write/check memop; a non-zero return is a program exception."""
         try:
             rc = self._mem_op(ops)
         except OSError as exc:
@@ -292,12 +296,7 @@ class KvmBackend(MemopBackend):
         ops = self._ops
         mop = self._fill(ops, gaddr, size, op, abi.KVM_S390_MEMOP_F_CHECK_ONLY, key)
         mop.buf = 0  # the kernel copies nothing for a check
-        try:
-            rc = self._mem_op(ops)
-        except OSError as exc:
-            raise self._error(exc, gaddr, size, key) from exc
-        if rc:
-            raise ProgramException(rc, gaddr=gaddr, size=size, key=key, old=0)
+        self._run_plain(ops, gaddr, size, key)
 
     # ----------------------------------------------------------- interrupts
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -401,8 +402,8 @@ def run_tests(copy: Path, tests: tuple[str, ...], env: dict[str, str]) -> tuple[
     tail = "\n".join(output.strip().splitlines()[-15:])
     if process.returncode == 0:
         return "passed", seconds, tail
-    if process.returncode == 1:
-        return "failed", seconds, tail
+    if process.returncode == 1 and re.search(r"\b\d+ failed\b", output):
+        return "failed", seconds, tail  # tests ran and failed (not pytest itself missing)
     return f"error {process.returncode}", seconds, tail
 
 
