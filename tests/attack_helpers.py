@@ -22,11 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_helpers import daemon_config
+
+from indicators.config import parse_config
+from indicators.daemon.service import Service
 
 NOBODY = 65534
 STRANGER = 65533  # a second unprivileged uid (no passwd entry needed)
@@ -300,3 +304,15 @@ def raw_connect(path: str) -> socket.socket:
     sock.settimeout(TIMEOUT)
     sock.connect(path)
     return sock
+
+
+@contextlib.asynccontextmanager
+async def daemon(socket_path: Path, **control: Any) -> AsyncIterator[Service]:
+    """A :class:`Service` on :func:`daemon_helpers.daemon_config` with ``[control]`` set."""
+    service = Service(parse_config(daemon_config(socket_path, control=control), "<attack>"))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop(grace=1.0)
+

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from attack_helpers import need_root, world_dir
 from daemon_helpers import Client, qmp_client, start_service
 
 from indicators.daemon.service import Service
@@ -131,3 +132,12 @@ async def client(service: Service) -> AsyncIterator[Client]:
     """A ``qemu.qmp`` client connected to :func:`service`'s control socket."""
     async with qmp_client(service.socket_path) as connected:
         yield connected
+
+
+@pytest.fixture
+def world() -> Iterator[Path]:
+    """A root-owned directory other uids may traverse (the attacker tests; needs root)."""
+    need_root()
+    with world_dir() as path:
+        yield path
+

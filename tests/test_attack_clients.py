@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from attack_helpers import NOBODY, foreign_client, need_root, open_fds, owned_dir, world_dir
+from attack_helpers import NOBODY, daemon, foreign_client, open_fds, owned_dir
 from daemon_helpers import (
     LOCKED_PAGE,
     NET_DSCI,
@@ -37,24 +35,6 @@ from indicators.config import parse_config
 from indicators.daemon import qmp_server
 from indicators.daemon.loglimit import LogLimiter
 from indicators.daemon.service import Service
-
-
-@contextlib.asynccontextmanager
-async def daemon(socket_path: Path, **control: Any) -> AsyncIterator[Service]:
-    raw = daemon_config(socket_path, control=control)
-    service = Service(parse_config(raw, "<attack>"))
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop(grace=1.0)
-
-
-@pytest.fixture
-def world() -> Iterator[Path]:
-    need_root()
-    with world_dir() as path:
-        yield path
 
 
 async def served(path: str) -> None:

@@ -10,38 +10,16 @@ uid, so a reconnect gains nothing and another uid cannot detach it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from attack_helpers import NOBODY, STRANGER, foreign_client, need_root, owned_dir, world_dir
-from daemon_helpers import NET_DSCI, TIMEOUT, daemon_config, qmp_client
+from attack_helpers import NOBODY, STRANGER, daemon, foreign_client, owned_dir
+from daemon_helpers import NET_DSCI, TIMEOUT, qmp_client
 from qemu.qmp import ExecuteError
 
-from indicators.config import parse_config
 from indicators.daemon import eventfds
-from indicators.daemon.service import Service
-
-
-@contextlib.asynccontextmanager
-async def daemon(socket_path: Path, **control: Any) -> AsyncIterator[Service]:
-    service = Service(parse_config(daemon_config(socket_path, control=control), "<attack>"))
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop(grace=1.0)
-
-
-@pytest.fixture
-def world() -> Iterator[Path]:
-    need_root()
-    with world_dir() as path:
-        yield path
 
 
 async def attach_error(path: str, efd: int, vector: int) -> str:

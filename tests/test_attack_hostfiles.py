@@ -16,12 +16,11 @@ import logging
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from attack_helpers import NOBODY, FakeQemu, need_root, owned_dir, world_dir
+from attack_helpers import NOBODY, FakeQemu, owned_dir
 from daemon_helpers import (
     MEMORY,
     NET_DSCI,
@@ -38,13 +37,6 @@ from indicators.daemon.service import Service
 
 SECRET = b"TOPSECRET-ROOT-ONLY\n"
 START = 30.0  # generous: only ends a hang
-
-
-@pytest.fixture
-def world() -> Iterator[Path]:
-    need_root()
-    with world_dir() as path:
-        yield path
 
 
 @pytest.fixture

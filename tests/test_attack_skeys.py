@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from attack_helpers import NOBODY, FakeQemu, need_root, owned_dir, wait_for, world_dir
+from attack_helpers import NOBODY, FakeQemu, owned_dir, wait_for
 from daemon_helpers import MEMORY, TIMEOUT, daemon_config, qmp_client, running_daemon
 
 from indicators.config import parse_config
@@ -26,13 +25,6 @@ from indicators.daemon.service import Service
 from indicators.daemon.vmm import parse_skeys
 
 SECRET = "TOPSECRET-SKEYS-LINE"
-
-
-@pytest.fixture
-def world() -> Iterator[Path]:
-    need_root()
-    with world_dir() as path:
-        yield path
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from attack_helpers import NOBODY, PYTHON, as_uid, need_root, owned_dir, world_dir
+from attack_helpers import NOBODY, PYTHON, as_uid, owned_dir
 from daemon_helpers import TIMEOUT, daemon_config, indicators_command, write_config
 
 from indicators.daemon.qmp_server import QmpServer, SocketDirError
@@ -35,13 +34,6 @@ while True:
     except OSError:
         pass
 """
-
-
-@pytest.fixture
-def world() -> Iterator[Path]:
-    need_root()
-    with world_dir() as path:
-        yield path
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ import asyncio
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from attack_helpers import NOBODY, foreign_client, need_root, world_dir
+from attack_helpers import NOBODY, foreign_client
 from daemon_helpers import (
     MEMORY,
     NET_DSCI,
@@ -315,13 +314,6 @@ async def test_reload_is_a_diff_and_is_not_refused_while_notifications_are_pendi
 
 
 # ------------------------------------------------------- who may manage
-
-
-@pytest.fixture
-def world() -> Iterator[Path]:
-    need_root()
-    with world_dir() as path:
-        yield path
 
 
 async def test_only_managers_may_add_delete_and_reset(world: Path) -> None:

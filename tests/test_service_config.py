@@ -15,10 +15,8 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,17 +117,6 @@ async def test_refused_notifies_are_counted_as_what_they_were_and_change_nothing
 # --------------------------------------------------------------- peer policy
 
 
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A directory another uid can reach (pytest's are root's 0700)."""
-    directory = Path(tempfile.mkdtemp(prefix="indicators-peers-"))
-    directory.chmod(0o755)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 #: The peer runs as nobody: the test's own interpreter may sit under root's 0700 home.
 SYSTEM_PYTHON = "/usr/bin/python3"
 PEER = textwrap.dedent(
@@ -153,13 +140,13 @@ def peer_as(user: str, path: str) -> str:
     return result.stdout
 
 
-def test_the_default_peer_policy_refuses_another_uid(tmp_path: Path, world_dir: Path) -> None:
+def test_the_default_peer_policy_refuses_another_uid(tmp_path: Path, world: Path) -> None:
     """No ``allowed_uids``: root and the daemon's own uid only.  The socket mode lets
     anyone connect (0666), so the policy, not the file mode, refuses ``nobody``."""
     need(os.geteuid() == 0, "needs root to run a client as another user")
     need(shutil.which("setpriv"), "needs setpriv (util-linux) to run a client as nobody")
     need(os.access(SYSTEM_PYTHON, os.X_OK), f"needs {SYSTEM_PYTHON} for a client as nobody")
-    raw = daemon_config(world_dir / "control.sock", control={"mode": 0o666})
+    raw = daemon_config(world / "control.sock", control={"mode": 0o666})
     with running_daemon(tmp_path, raw) as daemon:
         assert '"QMP"' in peer_as("root", daemon.socket)
         refused = peer_as("65534", daemon.socket)  # nobody
