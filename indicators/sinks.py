@@ -7,9 +7,11 @@ once the engine has decided one is due.  Two implementations:
   suppressible adapter when a FLIC fd is given, the FLIC ``AIRQ_INJECT``
   attribute, with which the kernel applies adapter-interruption suppression
   itself (``handles_suppression``);
-- :class:`QueueSink`: an in-process stream of :class:`InterruptEvent` for
-  tests, the demo and the emulated set-up (no real guest takes interrupts
-  from outside QEMU under TCG).
+- :class:`CountingSink`: counts the interrupts per ISC and keeps nothing
+  else: the daemon's emulated set-up, where no real guest takes interrupts
+  from outside QEMU under TCG and the interrupts reach clients as events;
+- :class:`QueueSink`: a counting sink that also keeps the last interrupts
+  as an in-process stream of :class:`InterruptEvent`, for tests and the demo.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from . import abi
 from .adapters import Adapter
 from .memop.kvm import KvmBackend
 
-__all__ = ["InterruptEvent", "InterruptSink", "KvmSink", "QueueSink"]
+__all__ = ["CountingSink", "InterruptEvent", "InterruptSink", "KvmSink", "QueueSink"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +58,22 @@ class InterruptSink(ABC):
         self.set_ais_mode(isc, abi.KVM_S390_AIS_MODE_ALL)
 
 
-class QueueSink(InterruptSink):
-    """Keeps delivered interrupts as events; ``count`` counts them per ISC."""
+class CountingSink(InterruptSink):
+    """Counts delivered interrupts per ISC in ``count``; keeps nothing else."""
+
+    def __init__(self) -> None:
+        self.count = [0] * 8
+
+    def inject(self, adapter: Adapter) -> None:
+        """Count the interrupt."""
+        self.count[adapter.isc] += 1
+
+
+class QueueSink(CountingSink):
+    """Keeps the last ``maxlen`` delivered interrupts as events, and counts them."""
 
     def __init__(self, maxlen: int = 10_000) -> None:
-        self.count = [0] * 8
+        super().__init__()
         self._queue: asyncio.Queue[InterruptEvent] = asyncio.Queue(maxlen)
 
     def inject(self, adapter: Adapter) -> None:

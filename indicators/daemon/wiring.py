@@ -1,7 +1,7 @@
 """From a backend config section to a memop backend and an interrupt sink.
 
 The emulated backend maps anonymous memory or a RAM file and delivers
-interrupts to an in-process :class:`~indicators.sinks.QueueSink` (under TCG
+interrupts to an in-process :class:`~indicators.sinks.CountingSink` (under TCG
 nothing outside QEMU can interrupt the guest); the KVM backend acquires the
 VM fd (and optionally the FLIC fd) from its source and injects through KVM.
 
@@ -27,7 +27,7 @@ from ..errors import ResourceError
 from ..memop import EmulatedBackend, FaultInjector, KvmBackend, MemopBackend
 from ..memop.kvm import require_s390x_kvm
 from ..memop.vmfd import acquire_fd
-from ..sinks import InterruptSink, KvmSink, QueueSink
+from ..sinks import CountingSink, InterruptSink, KvmSink
 
 __all__ = ["Wiring", "open_backend"]
 
@@ -113,4 +113,4 @@ def _open_emulated(config: EmulatedBackendConfig, ram_path: str | None) -> Wirin
         ) from None
     for page, key in config.storage_keys.items():
         backend.set_storage_key(int(page, 0), key)  # checked above
-    return Wiring(backend, QueueSink(), [], created)
+    return Wiring(backend, CountingSink(), [], created)
