@@ -282,8 +282,7 @@ class BatchWriter:
                 stats.applied += count
                 stats.merged += count - 1
                 per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
-        for aid, count in per_adapter.items():
-            stats.applied_to(aid, count)
+        stats.applied_to_each(per_adapter)
         set_counts = self.set_counts
         if set_counts is not None and written is not None:
             for target, turned_on in written.items():

@@ -180,7 +180,11 @@ class Engine:
         items = items if isinstance(items, (list, tuple)) else list(items)
         targets = self._targets
         try:
-            entries = [targets[name][vector] for name, vector in items]
+            if len(items) == 1:  # no comprehension for the common single notification
+                name, vector = items[0]
+                entries = [targets[name][vector]]
+            else:
+                entries = [targets[name][vector] for name, vector in items]
         except (KeyError, TypeError):
             for name, vector in items:
                 self.check_target(name, vector)
@@ -461,7 +465,8 @@ class Engine:
             and not self.suppression.admit(adapter.isc)
         ):
             stats.suppressed(adapter.id)
-            self._emit(EngineEvent("suppressed", adapter))
+            if self._listeners:
+                self._emit(EngineEvent("suppressed", adapter))
             return
         try:
             self.sink.inject(adapter)
@@ -471,7 +476,8 @@ class Engine:
             log.error("injecting an interrupt for adapter %s failed: %s", adapter.name, exc)
             return
         stats.injected(adapter.id)
-        self._emit(EngineEvent("interrupt", adapter))
+        if self._listeners:  # no event made for nobody
+            self._emit(EngineEvent("interrupt", adapter))
 
     def _emit(self, event: EngineEvent) -> None:
         for listener in self._listeners:

@@ -18,8 +18,9 @@ import asyncio
 import ctypes
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import abi
 from .adapters import Adapter
@@ -28,13 +29,16 @@ from .memop.kvm import KvmBackend
 __all__ = ["InterruptEvent", "InterruptSink", "KvmSink", "QueueSink"]
 
 
-@dataclass(frozen=True, slots=True)
-class InterruptEvent:
+class InterruptEvent(NamedTuple):
     """One delivered adapter interrupt."""
 
     adapter_id: int
     isc: int
     time: float
+
+
+#: Builds an event without NamedTuple's Python-level ``__new__`` (the inject path).
+_new_event = tuple.__new__
 
 
 class InterruptSink(ABC):
@@ -57,30 +61,42 @@ class InterruptSink(ABC):
 
 
 class QueueSink(InterruptSink):
-    """Keeps delivered interrupts as events; ``count`` counts them per ISC."""
+    """Keeps delivered interrupts as events; ``count`` counts them per ISC.
+
+    At most ``maxlen`` unread events are kept: the oldest is dropped when full.
+    """
 
     def __init__(self, maxlen: int = 10_000) -> None:
         self.count = [0] * 8
-        self._queue: asyncio.Queue[InterruptEvent] = asyncio.Queue(maxlen)
+        self._events: deque[InterruptEvent] = deque(maxlen=maxlen)
+        self._waiter: asyncio.Future[None] | None = None  # readers wait on it when empty
 
     def inject(self, adapter: Adapter) -> None:
-        """Record the interrupt; the oldest unread event is dropped when full."""
+        """Record the interrupt (a plain append: the engine's idle path runs through it)."""
         self.count[adapter.isc] += 1
-        event = InterruptEvent(adapter.id, adapter.isc, time.time())
-        if self._queue.full():
-            self._queue.get_nowait()
-        self._queue.put_nowait(event)
+        self._events.append(_new_event(InterruptEvent, (adapter.id, adapter.isc, time.time())))
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def events(self) -> AsyncIterator[InterruptEvent]:
-        """Yield interrupts as they are delivered."""
+        """Yield interrupts as they are delivered (several readers share them out)."""
+        events = self._events
         while True:
-            yield await self._queue.get()
+            if events:
+                yield events.popleft()
+                continue
+            waiter = self._waiter
+            if waiter is None:
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)  # a cancelled reader leaves the others waiting
 
     def drain(self) -> list[InterruptEvent]:
         """Take every event delivered so far."""
-        taken = []
-        while not self._queue.empty():
-            taken.append(self._queue.get_nowait())
+        taken = list(self._events)
+        self._events.clear()
         return taken
 
 
