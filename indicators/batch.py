@@ -173,7 +173,13 @@ class BatchWriter:
         work = plan(batch)
         or_now = self.setter.or_window_now
         # Step 1: check the summaries' stores.
-        refused = self._check_summaries(batch, work)
+        check = self.setter.check
+        refused: set[Device] = _NO_DEVICES
+        for where in work.checks:
+            try:
+                check(where[0], 1, where[1])
+            except OrFailure as refusal:
+                refused = self._refuse(batch, work, where, refusal, refused)
         # Step 2: the dsci bits.  found: per window, the image before and the bytes that failed.
         found: dict[WindowKey, tuple[int, dict[int, OrFailure]]] = {}
         clean = not refused  # so far every notification of the batch is on its way
@@ -218,20 +224,22 @@ class BatchWriter:
 
     # ----------------------------------------------------------------- steps
 
-    def _check_summaries(self, batch: list[Ticket], work: Plan) -> set[Device]:
-        """Step 1: the devices whose summary cannot be stored (their notifications fail)."""
-        check = self.setter.check
-        refused: set[Device] = _NO_DEVICES
-        for where in work.checks:
-            try:
-                check(where[0], 1, where[1])
-            except OrFailure as failure:
-                for head in work.heads:
-                    if head.skey == where:
-                        if not refused:
-                            refused = set()
-                        refused.add(head.device)
-                        self._fail_where(batch, failure, "summary", _of_device(head.device))
+    def _refuse(
+        self,
+        batch: list[Ticket],
+        work: Plan,
+        where: tuple[int, int | None],
+        failure: OrFailure,
+        refused: set[Device],
+    ) -> set[Device]:
+        """Step 1 failed for the summary byte and key ``where``: fail the notifications
+        of its devices (they write nothing); returns the devices refused so far."""
+        for head in work.heads:
+            if head.skey == where:
+                if not refused:
+                    refused = set()
+                refused.add(head.device)
+                self._fail_where(batch, failure, "summary", _of_device(head.device))
         return refused
 
     def _summary_done(

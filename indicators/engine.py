@@ -106,8 +106,9 @@ class Engine:
         self._eager = False  # a batch is being applied in a caller's callback
         self._streak_task: asyncio.Task[Any] | None = None  # the task of the last eager batch
         self._streak = 0  # its eager batches since the loop last turned for the engine
-        self._running = asyncio.Event()
+        self._running = asyncio.Event()  # clear while held: a flush waits on it
         self._running.set()
+        self._held = False  # not self._running.is_set(), as a plain attribute for the hot path
         self._listeners: list[Callable[[EngineEvent], None]] = []
         self._unavailable: str | None = None
         # Per device name, per vector: the shared target (a dict, so that a
@@ -195,7 +196,7 @@ class Engine:
             return [self._refusal(entry.device, entry.vector) for entry in entries]
         self.stats.notifications += len(entries)
         ticket = Ticket(entries)
-        if self._flusher is None and not self._eager and self._running.is_set():
+        if self._flusher is None and not self._eager and not self._held:
             # An await that never suspends lets one task keep the loop: after
             # EAGER_STREAK eager batches in a row from the same task, its next
             # one is queued, so that task yields once and the loop turns
@@ -278,6 +279,7 @@ class Engine:
             for index, entry in enumerate(ticket.entries):
                 ticket.errors[index] = self._refusal(entry.device, entry.vector)
             ticket.resolve()
+        self._held = False
         self._running.set()
 
     def set_available(self) -> None:
@@ -295,16 +297,18 @@ class Engine:
 
     def pause(self) -> None:
         """Hold notifications (they stay pending, unacknowledged) until :meth:`resume`."""
+        self._held = True
         self._running.clear()
 
     def resume(self) -> None:
         """Apply held and new notifications again."""
+        self._held = False
         self._running.set()
 
     @property
     def paused(self) -> bool:
         """Whether notifications are being held."""
-        return not self._running.is_set()
+        return self._held
 
     @property
     def pending(self) -> int:
