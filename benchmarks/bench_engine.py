@@ -37,7 +37,7 @@ from indicators.adapters import AdapterModel, build_model
 from indicators.config import parse_config
 from indicators.engine import Engine
 from indicators.memop import EmulatedBackend
-from indicators.sinks import QueueSink
+from indicators.sinks import CountingSink
 
 MEMORY = 1 << 20
 DEVICES, VECTORS = 64, 8
@@ -78,7 +78,7 @@ def qemu_or(backend: EmulatedBackend, gaddr: int, mask: int) -> int:
 def baseline(model: AdapterModel, backend: EmulatedBackend, burst: list[tuple[str, int]],
              rounds: int) -> tuple[float, float]:  # fmt: skip
     """QEMU's algorithm, one notification at a time: (seconds per round, cmpxchg per notify)."""
-    sink = QueueSink()
+    sink = CountingSink()
     calls = 0
     start = time.perf_counter()
     for _ in range(rounds):
@@ -186,7 +186,7 @@ async def measure(
     cmpxchg_of: dict[str, float] = {}
     sizes: dict[str, int] = {}
     idle: dict[str, dict[str, list[float]]] = {"engine": {}, "floor": {}}
-    engine = Engine(model, backend, QueueSink())
+    engine = Engine(model, backend, CountingSink())  # the daemon's sink on this backend
     burst_1000 = bursts(1000)
     await idle_round(engine, backend, 200)  # warm up
     await floor_round(engine, backend, 200)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .adapters import Adapter, Device
@@ -55,13 +55,85 @@ from .memop import TransientError
 from .notification import NotifyError, Target, Ticket, Where, WindowKey
 from .stats import EngineStats
 
-__all__ = ["BatchWriter"]
+__all__ = ["BatchWriter", "Plan", "plan"]
 
 log = logging.getLogger(__name__)
 
 # Read-only empties for the common case of a batch with no failure.
 _NO_FAILURES: dict[int, OrFailure] = {}
 _NO_DEVICES: set[Device] = set()
+
+
+class Plan:
+    """What a batch writes, worked out before anything is written.
+
+    ``counts``: the notifications per target; ``windows``: per dsci window
+    and key, the image of the bits to set; ``heads``: each device's first
+    target (it carries the device's summary values), in the batch's order;
+    ``summaries``: per summary window and key, ``[image, heads]``; ``checks``:
+    per summary byte and key, a head whose store check stands for it;
+    ``per_adapter``: the notifications per adapter id; ``total``: all of them.
+    Nothing here changes once made, so a batch of one target keeps its plan
+    in the target (:attr:`Target.solo`).
+    """
+
+    __slots__ = ("checks", "counts", "heads", "per_adapter", "summaries", "total", "windows")
+
+    def __init__(
+        self,
+        counts: dict[Target, int],
+        windows: dict[WindowKey, int],
+        heads: list[Target],
+        per_adapter: dict[int, int],
+        total: int,
+    ) -> None:
+        self.counts = counts
+        self.windows = windows
+        self.heads = heads
+        self.per_adapter = per_adapter
+        self.total = total
+        self.summaries = _summary_groups(heads)
+        self.checks = {head.skey: head for head in heads}
+
+
+def plan(batch: list[Ticket]) -> Plan:
+    """The plan of ``batch``.  A batch of one target (the eager path's) is planned
+    once per target, by the same code, and the plan kept in the target."""
+    if len(batch) == 1 and len(batch[0].entries) == 1:
+        target = batch[0].entries[0]
+        solo = target.solo
+        if solo is None:
+            solo = target.solo = _plan_of({target: 1}, 1)
+        return solo
+    counts: Counter[Target] = Counter()
+    for ticket in batch:
+        counts.update(ticket.entries)
+    return _plan_of(counts, counts.total())
+
+
+def _plan_of(counts: dict[Target, int], total: int) -> Plan:
+    """The one pass over every distinct target, in small integers: the bits are ORed
+    per dsci byte (the ``lead`` target of a device's byte) and only then placed in
+    their windows, so that the pass makes no large integer and hashes no tuple."""
+    per_byte: dict[Target, int] = {}
+    get = per_byte.get
+    for target in counts:
+        lead = target.lead
+        per_byte[lead] = get(lead, 0) | target.bits
+    windows: dict[WindowKey, int] = {}
+    heads: dict[Target, None] = {}
+    for lead, bits in per_byte.items():
+        wkey = lead.wkey
+        windows[wkey] = windows.get(wkey, 0) | bits << lead.bshift
+        heads[lead.head] = None
+    aids = {head.aid for head in heads}
+    if len(aids) == 1:
+        per_adapter = {aids.pop(): total}
+    else:
+        per_adapter = {}
+        for target, count in counts.items():
+            per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
+    return Plan(counts, windows, list(heads), per_adapter, total)
 
 
 class BatchWriter:
@@ -93,39 +165,44 @@ class BatchWriter:
         Each OR is tried without waiting first and only a failure or
         ``-EAGAIN`` takes the slow road, so that a batch that meets neither
         (an idle engine's batch of one, above all) runs through without a
-        single suspension and without a coroutine per step.  Only one pass
-        goes over every target; the rest go over windows and devices.
+        single suspension and without a coroutine per step.  Only the plan
+        goes over every distinct target; the steps go over windows and
+        devices, and which bits this batch turned on is worked out only when
+        something failed or ``set_counts`` asks.
         """
-        if len(batch) == 1 and len(batch[0].entries) == 1:
-            counts: dict[Target, int] = {batch[0].entries[0]: 1}  # the eager batch of one
-        else:
-            counts = Counter()
-            for ticket in batch:
-                counts.update(ticket.entries)
-        groups, firsts, per_adapter = _plan(counts)
+        work = plan(batch)
         or_now = self.setter.or_window_now
         # Step 1: check the summaries' stores.
-        refused = self._check_summaries(batch, firsts)
-        # Step 2: the dsci bits.
-        written: dict[Target, bool] = {}
+        check = self.setter.check
+        refused: set[Device] = _NO_DEVICES
+        for where in work.checks:
+            try:
+                check(where[0], 1, where[1])
+            except OrFailure as refusal:
+                refused = self._refuse(batch, work, where, refusal, refused)
+        # Step 2: the dsci bits.  found: per window, the image before and the bytes that failed.
+        found: dict[WindowKey, tuple[int, dict[int, OrFailure]]] = {}
         clean = not refused  # so far every notification of the batch is on its way
-        for wkey, (mask, members) in groups.items():
+        for wkey, mask in work.windows.items():
             if refused:
-                members = [target for target in members if target.device not in refused]
-                if not members:
+                mask = _image(t for t in work.counts if t.wkey == wkey and t.device not in refused)
+                if not mask:
                     continue
-                mask = _image(members)
             try:
                 old, failed = or_now(wkey[0], mask, wkey[1]), _NO_FAILURES
             except (TransientError, OrFailure) as exc:
                 old, failed = await self._or_slowly(wkey, mask, exc)
-                clean = clean and not failed
-            self._dsci_done(batch, wkey, members, old, failed, written)
+                if failed:
+                    clean = False
+                    for gaddr, failure in failed.items():
+                        self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
+            found[wkey] = old, failed
+        written = None if clean and self.set_counts is None else _written(work, found, refused)
         # Step 3: the summaries of the devices with a bit in memory.
-        reached = firsts if clean else _firsts(written)
+        summaries = work.summaries if clean else _summary_groups(_heads(written or {}))
         due: dict[int, Adapter] = {}
         lost: dict[Device, OrFailure] = {}
-        for swkey, (smask, members) in _summary_groups(reached).items():
+        for swkey, (smask, members) in summaries.items():
             try:
                 old, failed = or_now(swkey[0], smask, swkey[1]), _NO_FAILURES
             except (TransientError, OrFailure) as exc:
@@ -133,57 +210,37 @@ class BatchWriter:
             self._summary_done(members, old, failed, due, lost)
         if lost:
             clean = False
+            if written is None:
+                written = _written(work, found, refused)
             notes = await self._undo(lost, written)
             for device, failure in lost.items():
                 note = notes.get(device, "")
                 self._fail_where(batch, failure, "summary", _of_device(device), note)
         # Step 4: count what is acknowledged; the interrupts, one per adapter.
-        self._count(counts, written, lost, per_adapter if clean else None)
+        self._count(work, written, lost, clean)
         on_due = self.on_due
         for adapter in due.values():
             on_due(adapter)
 
     # ----------------------------------------------------------------- steps
 
-    def _check_summaries(self, batch: list[Ticket], firsts: dict[Device, Target]) -> set[Device]:
-        """Step 1: the devices whose summary cannot be stored (their notifications fail)."""
-        check = self.setter.check
-        checked: dict[tuple[int, int | None], OrFailure | None] = {}  # summary byte, key
-        refused: set[Device] = _NO_DEVICES
-        for device, target in firsts.items():
-            where = target.skey
-            if where in checked:
-                failure = checked[where]
-            else:
-                try:
-                    check(where[0], 1, where[1])
-                    failure = checked[where] = None
-                except OrFailure as exc:
-                    failure = checked[where] = exc
-            if failure is not None:
-                if not refused:
-                    refused = set()
-                refused.add(device)
-                self._fail_where(batch, failure, "summary", _of_device(device))
-        return refused
-
-    def _dsci_done(
+    def _refuse(
         self,
         batch: list[Ticket],
-        wkey: WindowKey,
-        members: list[Target],
-        old: int,
-        failed: dict[int, OrFailure],
-        written: dict[Target, bool],
-    ) -> None:
-        """Step 2, one window: fail the bytes that failed; note which bits this batch
-        turned on (the ones found clear) for the counts and for an undo."""
-        if failed:
-            for gaddr, failure in failed.items():
-                self._fail_where(batch, failure, "dsci", _in_byte(wkey, gaddr))
-            members = [target for target in members if target.byte not in failed]
-        for target in members:
-            written[target] = not old & target.image
+        work: Plan,
+        where: tuple[int, int | None],
+        failure: OrFailure,
+        refused: set[Device],
+    ) -> set[Device]:
+        """Step 1 failed for the summary byte and key ``where``: fail the notifications
+        of its devices (they write nothing); returns the devices refused so far."""
+        for head in work.heads:
+            if head.skey == where:
+                if not refused:
+                    refused = set()
+                refused.add(head.device)
+                self._fail_where(batch, failure, "summary", _of_device(head.device))
+        return refused
 
     def _summary_done(
         self,
@@ -207,18 +264,24 @@ class BatchWriter:
 
     def _count(
         self,
-        counts: dict[Target, int],
-        written: dict[Target, bool],
+        work: Plan,
+        written: dict[Target, bool] | None,
         lost: dict[Device, OrFailure],
-        per_adapter: dict[int, int] | None,
+        clean: bool,
     ) -> None:
         """Step 4: count the acknowledged notifications (and only those).
 
-        ``per_adapter`` (the batch's counts per adapter) is given when every
-        notification of the batch was acknowledged: then no target is looked at.
+        When every notification of the batch was acknowledged (``clean``)
+        the plan's counts per adapter are the answer: no target is looked at.
         """
         stats = self.stats
-        if per_adapter is None:
+        if clean:
+            per_adapter = work.per_adapter
+            stats.applied += work.total
+            stats.merged += work.total - len(work.counts)
+        else:
+            assert written is not None
+            counts = work.counts
             per_adapter = {}
             for target in written:
                 if lost and target.device in lost:
@@ -227,14 +290,9 @@ class BatchWriter:
                 stats.applied += count
                 stats.merged += count - 1
                 per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
-        else:
-            total = sum(per_adapter.values())
-            stats.applied += total
-            stats.merged += total - len(counts)
-        for aid, count in per_adapter.items():
-            stats.applied_to(aid, count)
+        stats.applied_to_each(per_adapter)
         set_counts = self.set_counts
-        if set_counts is not None:
+        if set_counts is not None and written is not None:
             for target, turned_on in written.items():
                 if turned_on and not (lost and target.device in lost):
                     set_counts[(target.device.name, target.vector)] += 1
@@ -344,29 +402,7 @@ def _in_byte(wkey: WindowKey, gaddr: int) -> Callable[[Target], bool]:
     return lambda entry: entry.wkey == wkey and entry.byte == gaddr
 
 
-def _plan(
-    counts: dict[Target, int],
-) -> tuple[dict[WindowKey, list[Any]], dict[Device, Target], dict[int, int]]:
-    """The one pass over every target: the dsci targets by window and key
-    (``[image of their bits, targets]``), the first target of each device, and
-    the notifications per adapter."""
-    groups: dict[WindowKey, list[Any]] = {}
-    firsts: dict[Device, Target] = {}
-    per_adapter: dict[int, int] = {}
-    for target, count in counts.items():
-        group = groups.get(target.wkey)
-        if group is None:
-            groups[target.wkey] = [target.image, [target]]
-        else:
-            group[0] |= target.image
-            group[1].append(target)
-        if target.device not in firsts:
-            firsts[target.device] = target
-        per_adapter[target.aid] = per_adapter.get(target.aid, 0) + count
-    return groups, firsts, per_adapter
-
-
-def _image(targets: list[Target]) -> int:
+def _image(targets: Iterable[Target]) -> int:
     """The window image of these targets' dsci bits."""
     mask = 0
     for target in targets:
@@ -374,20 +410,33 @@ def _image(targets: list[Target]) -> int:
     return mask
 
 
-def _firsts(written: dict[Target, bool]) -> dict[Device, Target]:
+def _written(
+    work: Plan, found: dict[WindowKey, tuple[int, dict[int, OrFailure]]], refused: set[Device]
+) -> dict[Target, bool]:
+    """The targets whose dsci bit is in memory, each with whether this batch turned it
+    on (found it clear): for the counts, the summaries and an undo after a failure."""
+    written: dict[Target, bool] = {}
+    for target in work.counts:
+        result = found.get(target.wkey)
+        if result is None or (refused and target.device in refused):
+            continue
+        old, failed = result
+        if failed and target.byte in failed:
+            continue
+        written[target] = not old & target.image
+    return written
+
+
+def _heads(written: dict[Target, bool]) -> list[Target]:
     """The first target of each device with a bit in memory."""
-    firsts: dict[Device, Target] = {}
-    for target in written:
-        if target.device not in firsts:
-            firsts[target.device] = target
-    return firsts
+    return list(dict.fromkeys(target.head for target in written))
 
 
-def _summary_groups(firsts: dict[Device, Target]) -> dict[WindowKey, list[Any]]:
+def _summary_groups(heads: list[Target]) -> dict[WindowKey, list[Any]]:
     """The devices by summary window and key: ``[image of their summary bits, a target
     of each]``."""
     groups: dict[WindowKey, list[Any]] = {}
-    for target in firsts.values():
+    for target in heads:
         group = groups.get(target.swkey)
         if group is None:
             groups[target.swkey] = [target.simage, [target]]

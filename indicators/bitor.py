@@ -125,11 +125,26 @@ class BitSetter:
         having written nothing; continue with :meth:`or_window_later`.
 
         The loop is synchronous so that an idle engine's batch of one finishes
-        in its caller's callback; only the back-off needs the event loop.
+        in its caller's callback; only the back-off needs the event loop.  Its
+        first round (the guess right: one cmpxchg) is written out here, without
+        the generic loop's branches; a failed compare carries on in :meth:`_loop`.
         """
-        cover = self._covers.get(mask) or self._cover(mask)
-        start, size, shift = cover
-        return self._set(window + start, size, mask >> shift, key) << shift
+        start, size, shift = self._covers.get(mask) or self._cover(mask)
+        gaddr, bits = window + start, mask >> shift
+        where = gaddr << 5 | size
+        current = self._seen.get(where, 0) & ~bits
+        self.stats.cmpxchg += 1
+        try:
+            exchanged, found = self.backend.cmpxchg(gaddr, size, current, current | bits, key)
+        except TransientError:
+            raise
+        except MemopError as exc:
+            raise OrFailure.of(exc, gaddr, size, key) from exc
+        if exchanged:
+            self._seen[where] = current | bits
+            return current << shift
+        self.stats.no_xchg += 1
+        return self._loop(gaddr, size, bits, key, True, found, 1) << shift
 
     async def or_window_later(
         self, window: int, mask: int, key: int | None, exc: MemopError
@@ -168,24 +183,6 @@ class BitSetter:
                 self._covers.clear()
             cover = self._covers[mask] = _covering(mask)
         return cover
-
-    def _set(self, gaddr: int, size: int, bits: int, key: int | None) -> int:
-        """:meth:`_loop` setting ``bits``, for the hot path: the first round (the guess
-        right: one cmpxchg) without the generic loop's branches."""
-        where = gaddr << 5 | size
-        current = self._seen.get(where, 0) & ~bits
-        self.stats.cmpxchg += 1
-        try:
-            exchanged, found = self.backend.cmpxchg(gaddr, size, current, current | bits, key)
-        except TransientError:
-            raise
-        except MemopError as exc:
-            raise OrFailure.of(exc, gaddr, size, key) from exc
-        if exchanged:
-            self._seen[where] = current | bits
-            return current
-        self.stats.no_xchg += 1
-        return self._loop(gaddr, size, bits, key, True, found, 1)
 
     def _loop(
         self,

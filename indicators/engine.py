@@ -106,8 +106,9 @@ class Engine:
         self._eager = False  # a batch is being applied in a caller's callback
         self._streak_task: asyncio.Task[Any] | None = None  # the task of the last eager batch
         self._streak = 0  # its eager batches since the loop last turned for the engine
-        self._running = asyncio.Event()
+        self._running = asyncio.Event()  # clear while held: a flush waits on it
         self._running.set()
+        self._held = False  # not self._running.is_set(), as a plain attribute for the hot path
         self._listeners: list[Callable[[EngineEvent], None]] = []
         self._unavailable: str | None = None
         # Per device name, per vector: the shared target (a dict, so that a
@@ -180,7 +181,11 @@ class Engine:
         items = items if isinstance(items, (list, tuple)) else list(items)
         targets = self._targets
         try:
-            entries = [targets[name][vector] for name, vector in items]
+            if len(items) == 1:  # no comprehension for the common single notification
+                name, vector = items[0]
+                entries = [targets[name][vector]]
+            else:
+                entries = [targets[name][vector] for name, vector in items]
         except (KeyError, TypeError):
             for name, vector in items:
                 self.check_target(name, vector)
@@ -191,7 +196,7 @@ class Engine:
             return [self._refusal(entry.device, entry.vector) for entry in entries]
         self.stats.notifications += len(entries)
         ticket = Ticket(entries)
-        if self._flusher is None and not self._eager and self._running.is_set():
+        if self._flusher is None and not self._eager and not self._held:
             # An await that never suspends lets one task keep the loop: after
             # EAGER_STREAK eager batches in a row from the same task, its next
             # one is queued, so that task yields once and the loop turns
@@ -274,6 +279,7 @@ class Engine:
             for index, entry in enumerate(ticket.entries):
                 ticket.errors[index] = self._refusal(entry.device, entry.vector)
             ticket.resolve()
+        self._held = False
         self._running.set()
 
     def set_available(self) -> None:
@@ -291,16 +297,18 @@ class Engine:
 
     def pause(self) -> None:
         """Hold notifications (they stay pending, unacknowledged) until :meth:`resume`."""
+        self._held = True
         self._running.clear()
 
     def resume(self) -> None:
         """Apply held and new notifications again."""
+        self._held = False
         self._running.set()
 
     @property
     def paused(self) -> bool:
         """Whether notifications are being held."""
-        return not self._running.is_set()
+        return self._held
 
     @property
     def pending(self) -> int:
@@ -461,7 +469,8 @@ class Engine:
             and not self.suppression.admit(adapter.isc)
         ):
             stats.suppressed(adapter.id)
-            self._emit(EngineEvent("suppressed", adapter))
+            if self._listeners:
+                self._emit(EngineEvent("suppressed", adapter))
             return
         try:
             self.sink.inject(adapter)
@@ -471,7 +480,8 @@ class Engine:
             log.error("injecting an interrupt for adapter %s failed: %s", adapter.name, exc)
             return
         stats.injected(adapter.id)
-        self._emit(EngineEvent("interrupt", adapter))
+        if self._listeners:  # no event made for nobody
+            self._emit(EngineEvent("interrupt", adapter))
 
     def _emit(self, event: EngineEvent) -> None:
         for listener in self._listeners:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .adapters import Device
 from .bitor import OrFailure, window_image
 from .errors import IndicatorsError
+
+if TYPE_CHECKING:
+    from .batch import Plan
 
 __all__ = ["NotifyError", "Target", "Ticket", "Where", "WindowKey"]
 
@@ -92,8 +95,8 @@ class Target:
     """
 
     __slots__ = (
-        "aid", "byte", "device", "image", "simage", "skey", "sshift", "stest", "swkey", "vector",
-        "wkey",
+        "aid", "bits", "bshift", "byte", "device", "head", "image", "lead", "simage", "skey",
+        "solo", "sshift", "stest", "swkey", "vector", "wkey",
     )  # fmt: skip
     #: The device's adapter id (what the per-adapter counters are keyed by).
     aid: int
@@ -110,17 +113,35 @@ class Target:
     skey: tuple[int, int | None]
     sshift: int
     stest: int
+    #: The dsci bit in its byte, and where that byte sits in the window's image.
+    bits: int
+    bshift: int
+    #: The device's first target (vector 0), and the device's first target in
+    #: this one's dsci byte: a batch's plan ORs its bits per ``lead`` in small
+    #: integers and goes over devices by ``head``.
+    head: Target
+    lead: Target
+    #: The plan of a batch of just this notification, made on first use
+    #: (:func:`indicators.batch.plan`).
+    solo: Plan | None
 
-    def __init__(self, device: Device, vector: int, first: Target | None = None) -> None:
+    def __init__(
+        self, device: Device, vector: int, first: Target | None = None, lead: Target | None = None
+    ) -> None:
         bit = device.dsci[vector]
         window, image = window_image(bit.gaddr, bit.mask)
         self.device = device
         self.vector = vector
         self.byte = bit.gaddr
+        self.bits = bit.mask
+        self.bshift = (15 - (bit.gaddr & 15)) << 3
         self.wkey = (window, device.key)
         if first is not None and first.wkey == self.wkey:
             self.wkey = first.wkey  # one object per window: a model of 8,000 devices stays small
         self.image = image
+        self.head = first or self
+        self.lead = lead or self
+        self.solo = None
         if first is not None:  # the device's summary: share its values
             self.simage, self.swkey, self.skey = first.simage, first.swkey, first.skey
             self.sshift, self.stest, self.aid = first.sshift, first.stest, first.aid
@@ -138,8 +159,11 @@ class Target:
         """Every vector's target of ``device``, by vector."""
         first = cls(device, 0)
         targets = {0: first}
+        leads = {first.byte: first}
         for vector in range(1, device.vectors):
-            targets[vector] = cls(device, vector, first)
+            lead = leads.get(device.dsci[vector].gaddr)
+            target = targets[vector] = cls(device, vector, first, lead)
+            leads.setdefault(target.byte, target)
         return targets
 
 

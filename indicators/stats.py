@@ -128,6 +128,15 @@ class EngineStats:
         """Count ``count`` notifications applied for an adapter."""
         self._adapter(adapter_id).notifications += count
 
+    def applied_to_each(self, per_adapter: dict[int, int]) -> None:
+        """:meth:`applied_to` for each adapter id and count of ``per_adapter``."""
+        adapters = self.adapters
+        for adapter_id, count in per_adapter.items():
+            counters = adapters.get(adapter_id)
+            if counters is None:
+                counters = adapters[adapter_id] = AdapterCounters()
+            counters.notifications += count
+
     def fail(self, code: str, adapter_id: int) -> None:
         """Count a failed notification with ``code``."""
         self.failures[code] += 1
@@ -136,7 +145,10 @@ class EngineStats:
     def injected(self, adapter_id: int) -> None:
         """Count a delivered interrupt."""
         self.interrupts_injected += 1
-        self._adapter(adapter_id).interrupts += 1
+        counters = self.adapters.get(adapter_id)
+        if counters is None:
+            counters = self.adapters[adapter_id] = AdapterCounters()
+        counters.interrupts += 1
 
     def suppressed(self, adapter_id: int) -> None:
         """Count a suppressed interrupt."""

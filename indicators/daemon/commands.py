@@ -190,10 +190,11 @@ def _handlers(daemon: Daemon) -> dict[str, Handler]:
 
     async def notify(args: NotifyArgs, session: QmpSession) -> dict[str, int]:
         vectors = _vectors(args)
-        try:
-            errors = await daemon.engine.notify_many([(args.device, v) for v in vectors])
+        try:  # an idle engine answers at once: no coroutine of notify_many to go through
+            outcome = daemon.engine.notify_nowait([(args.device, v) for v in vectors])
         except ValueError as exc:
             raise _generic(str(exc)) from None
+        errors = outcome if isinstance(outcome, list) else await outcome
         failed = [error for error in errors if error is not None]
         if failed:
             raise _generic(failure_message(args.device, len(vectors), failed))

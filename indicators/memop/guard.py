@@ -29,7 +29,7 @@ class ConfinedBackend(MemopBackend):
     def __init__(self, inner: MemopBackend, allowed: Mapping[int, int]) -> None:
         self.inner = inner
         self.allowed = dict(allowed)
-        self._images: dict[tuple[int, int], int] = {}
+        self._images: dict[int, int] = {}  # keyed by gaddr << 5 | size: an int hashes fast
 
     def set_allowed(self, allowed: Mapping[int, int]) -> None:
         """Follow a changed device set: from now on only the bits of ``allowed`` may change."""
@@ -38,7 +38,7 @@ class ConfinedBackend(MemopBackend):
 
     def _image(self, gaddr: int, size: int) -> int:
         """The allowed bits of ``[gaddr, gaddr + size)`` as a big-endian integer."""
-        where = (gaddr, size)
+        where = gaddr << 5 | size
         image = self._images.get(where)
         if image is None:
             allowed = self.allowed
@@ -75,7 +75,10 @@ class ConfinedBackend(MemopBackend):
         """Forward unless ``old ^ new`` has a bit outside the allowed ones."""
         if size not in _CMPXCHG_SIZES:
             self._refuse_size(gaddr, size, key, "cmpxchg", "1, 2, 4, 8 or 16 bytes")
-        outside = (old ^ new) & ~self._image(gaddr, size)
+        image = self._images.get(gaddr << 5 | size)
+        if image is None:
+            image = self._image(gaddr, size)
+        outside = (old ^ new) & ~image
         if outside:
             self._refuse(gaddr, size, key, outside, old)
         return self.inner.cmpxchg(gaddr, size, old, new, key)

@@ -70,12 +70,12 @@ HOOKS = "indicators/daemon/guesthooks.py"
 
 ACK_WITHOUT_WRITE = Patch(
     BATCH,
-    "    for target, count in counts.items():\n        group = groups.get(target.wkey)\n",
-    "    for target, count in counts.items():\n"
+    "    for target in counts:\n        lead = target.lead\n",
+    "    for target in counts:\n"
     "        globals()['_MUTANT'] = globals().get('_MUTANT', 0) + 1\n"
     "        if globals()['_MUTANT'] % 500 == 0:\n"
-    "            continue  # acknowledged, never written, never counted\n"
-    "        group = groups.get(target.wkey)\n",
+    "            continue  # acknowledged, never written\n"
+    "        lead = target.lead\n",
 )
 
 MUTATIONS: tuple[Mutation, ...] = (
