@@ -47,7 +47,8 @@ def test_the_needs_marker_skips_or_fails_in_ci(tmp_path: Path, ci: str, outcome:
     (tmp_path / "conftest.py").write_text((HERE / "conftest.py").read_text())
     (tmp_path / "test_marked.py").write_text(MARKED)
     env = {"CI": ci, "PATH": "/usr/bin:/bin"}
-    env.update({k: v for k, v in os.environ.items() if k == "PYTHONPATH"})
+    # The copied conftest imports the helper modules beside it in tests/.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rsf", str(tmp_path)],
         cwd=tmp_path,
