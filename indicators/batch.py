@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from .adapters import Adapter, Device
 from .bitor import BitSetter, OrFailure
@@ -104,7 +104,7 @@ def plan(batch: list[Ticket]) -> Plan:
         solo = target.solo
         if solo is None:
             solo = target.solo = _plan_of({target: 1}, 1)
-        return solo
+        return cast(Plan, solo)
     counts: Counter[Target] = Counter()
     for ticket in batch:
         counts.update(ticket.entries)

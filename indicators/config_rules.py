@@ -34,13 +34,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .abi import PAGE_SHIFT, SKEY_RESERVED
 from .config_messages import Problem, location_step
-
-if TYPE_CHECKING:
-    from .config import DeviceConfig, EmulatedBackendConfig, KvmBackendConfig
+from .config_sections import DeviceConfig, EmulatedBackendConfig, KvmBackendConfig
 
 __all__ = [
     "backend_problems",

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from .adapters import Device
 from .bitor import OrFailure, window_image
 from .errors import IndicatorsError
-
-if TYPE_CHECKING:
-    from .batch import Plan
 
 __all__ = ["NotifyError", "Target", "Ticket", "Where", "WindowKey"]
 
@@ -121,9 +118,10 @@ class Target:
     #: integers and goes over devices by ``head``.
     head: Target
     lead: Target
-    #: The plan of a batch of just this notification, made on first use
-    #: (:func:`indicators.batch.plan`).
-    solo: Plan | None
+    #: The plan of a batch of just this notification, made on first use and
+    #: kept here by :func:`indicators.batch.plan` (an ``indicators.batch.Plan``:
+    #: typed loosely, since the batch code is built on this module, not under it).
+    solo: object | None
 
     def __init__(
         self, device: Device, vector: int, first: Target | None = None, lead: Target | None = None

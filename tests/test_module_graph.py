@@ -1,7 +1,8 @@
 """The module graph of ``indicators/``: no import cycles, and the daemon's layers apart.
 
 Every import counts, also one inside a function (a lazy import is still a
-dependency); only ``if TYPE_CHECKING:`` blocks are left out.
+dependency) and one under ``if TYPE_CHECKING:`` (an annotation that needs a
+higher module is a dependency too: a protocol or a looser type breaks it).
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     found: set[str] = set()
 
     class Visitor(ast.NodeVisitor):
-        def visit_If(self, node: ast.If) -> None:
-            if "TYPE_CHECKING" in ast.unparse(node.test):
-                for child in node.orelse:
-                    self.visit(child)
-                return
-            self.generic_visit(node)
-
         def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
