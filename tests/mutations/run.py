@@ -78,6 +78,54 @@ ACK_WITHOUT_WRITE = Patch(
     "        lead = target.lead\n",
 )
 
+#: Issue 10: a batch is atomic per device (no summary without its dsci, no dsci left without
+#: its summary) and reset-adapter reaches the kernel's FLIC.
+ISSUE_10: tuple[Mutation, ...] = (
+    Mutation(
+        "issue 10: summary stores not checked before the dsci is written (atomic)",
+        (
+            Patch(
+                BATCH,
+                "                refused = self._refuse(batch, work, where, refusal, refused)\n",
+                "                pass\n",
+            ),
+        ),
+        ("tests/test_engine_atomic.py",),
+    ),
+    Mutation(
+        "issue 10: summary stores not checked before the dsci is written (engine)",
+        (
+            Patch(
+                BATCH,
+                "                refused = self._refuse(batch, work, where, refusal, refused)\n",
+                "                pass\n",
+            ),
+        ),
+        ("tests/test_engine.py",),
+    ),
+    Mutation(
+        "issue 10: dsci bits not undone when the summary store fails (atomic)",
+        (Patch(BATCH, "            notes = await self._undo(lost, written)\n", "            notes = {}\n"),),
+        ("tests/test_engine_atomic.py",),
+    ),
+    Mutation(
+        "issue 10: dsci bits not undone when the summary store fails (engine)",
+        (Patch(BATCH, "            notes = await self._undo(lost, written)\n", "            notes = {}\n"),),
+        ("tests/test_engine.py",),
+    ),
+    Mutation(
+        "issue 10: reset-adapter does not reach the kernel's FLIC",
+        (
+            Patch(
+                ENGINE,
+                "        if self.sink.handles_suppression:\n            self.sink.reset_ais(isc)\n",
+                "",
+            ),
+        ),
+        ("tests/test_sinks.py",),
+    ),
+)
+
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ack-without-write-every-500th: daemon",
@@ -355,6 +403,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (Patch(GUEST, "18:     mvcle   %r2,%r4,0\n        jo      18b\n", ""),),
         ("tests/test_reboot.py", "-k", "torture"),
     ),
+    *ISSUE_10,
 )
 
 
