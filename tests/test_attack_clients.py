@@ -168,6 +168,16 @@ async def test_connections_that_never_negotiate_are_dropped(tmp_path: Path) -> N
         await wait_until(lambda: open_fds() == baseline)
 
 
+async def test_a_client_has_30_s_to_negotiate_by_default(tmp_path: Path) -> None:
+    """Without ``negotiation_timeout`` in the config, the cap still holds."""
+    raw = daemon_config(tmp_path / "c.sock")
+    raw.get("control", {}).pop("negotiation_timeout", None)
+    config = parse_config(raw, "<attack>")
+    assert config.control is not None and config.control.negotiation_timeout == 30.0
+    async with daemon(tmp_path / "d.sock") as service:
+        assert service.server is not None and service.server.negotiation_timeout == 30.0
+
+
 async def test_an_idle_client_is_dropped_when_configured(tmp_path: Path) -> None:
     async with daemon(tmp_path / "c.sock", idle_timeout=0.2) as service:
         client = await RawClient.connect(service.socket_path)

@@ -11,7 +11,9 @@ the daemon serving its clients.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from attack_helpers import NOBODY, FakeQemu, owned_dir
+from attack_helpers import NOBODY, PYTHON, FakeQemu, owned_dir
 from daemon_helpers import (
     MEMORY,
     NET_DSCI,
@@ -223,3 +225,39 @@ def test_opening_by_name_takes_qemus_file(world: Path) -> None:
     with contextlib.closing(os.fdopen(fd, "rb")) as ram:
         assert os.fstat(ram.fileno()).st_ino == os.stat(path).st_ino
         assert os.get_inheritable(fd) is False
+
+
+# QEMU (nobody) holds a read lease on the file it names: whoever opens it for
+# writing breaks the lease and, unless the open is non-blocking, waits for the
+# holder to give it up: up to fs.lease-break-time (45 s), the daemon's whole loop.
+_LEASE_HOLDER = r"""
+import fcntl, os, signal, sys
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # the break notice
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.fcntl(fd, getattr(fcntl, "F_SETLEASE", 1024), fcntl.F_RDLCK)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_opening_by_name_does_not_wait_for_a_lease_qemu_holds(world: Path) -> None:
+    home = owned_dir(world, "qemu", NOBODY, 0o755)
+    path = home / "ram"
+    path.write_bytes(bytes(MEMORY))
+    os.chown(path, NOBODY, NOBODY)
+    holder = subprocess.Popen(
+        [PYTHON, "-c", _LEASE_HOLDER, str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, user=NOBODY,
+    )  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+            opening = pool.submit(open_guest_ram, str(path), MEMORY, None, NOBODY)
+            refused = opening.exception(timeout=5.0)  # TimeoutError: it waits for the lease
+        finally:
+            holder.kill()  # its lease goes with it: a blocked open returns
+            holder.wait()
+            with contextlib.suppress(Exception):
+                os.close(opening.result(timeout=TIMEOUT))
+    assert isinstance(refused, HostFileError) and refused.errno == errno.EAGAIN, refused
+    assert "cannot open the guest RAM file" in str(refused)

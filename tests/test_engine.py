@@ -271,6 +271,21 @@ async def test_protected_summary_fails_before_the_indicator_is_written() -> None
     assert engine.stats.cmpxchg == 0 and engine.stats.applied == 0
 
 
+async def test_a_summary_store_failing_after_its_check_takes_the_indicator_back() -> None:
+    """A read-only summary passes the key-0 check but not the store: the dsci bit
+    this batch set is undone, the one already set stays, nothing is acknowledged."""
+    model, backend = make([virtio("v", 0x1100, 0x200, 8)])
+    backend.set_readonly(0x1000, 0x1000)
+    backend.write(0x200, b"\x01")  # vector 7: set by an earlier notification
+    engine = Engine(model, backend, QueueSink())
+    with pytest.raises(NotifyError) as info:
+        await engine.notify("v", 2)
+    assert info.value.where == "summary"
+    assert backend.read(0x200, 1) == b"\x01", "the batch's own dsci bit was taken back"
+    assert backend.read(0x1100, 1) == b"\x00"
+    assert engine.stats.undone == 1 and engine.stats.applied == 0
+
+
 async def test_protected_indicator_byte_fails_only_its_notifications() -> None:
     faults = FaultInjector()
     model, backend = make([virtio("v", 0x100, 0x200, 32)], faults=faults)

@@ -1,4 +1,4 @@
-"""Mutation check: does the suite catch the regressions issue 11 lists?
+"""Mutation check: does the suite catch the regressions of issues 10, 11, 12 and 14?
 
 Each mutation is a textual patch (exact search -> replace) of one file of
 the package.  For each, the package and the tests are copied to a
@@ -10,8 +10,33 @@ copy, so ``indicators run`` subprocesses run the mutant too).  A mutation
 is caught when those tests fail.  First the same tests run once on an
 unpatched copy: they must pass there, or a "caught" would mean nothing.
 
+The rows come in groups; a group's names share a prefix, for ``-k``:
+
+- ``issue 10:`` atomic failure: the summary stores' check before any dsci
+  bit is written skipped, the undo of the dsci bits after a failed summary
+  store skipped (each against test_engine_atomic.py and test_engine.py),
+  reset-adapter no longer reaching the kernel's FLIC;
+- issue 11, no prefix: an acknowledged notification never written (daemon,
+  engine, demo, and under QEMU), the retry bounds, one rate limit for all
+  clients, peer policy, write guard and eventfd limit unwired, the VMM
+  link's timers and refreshes, state lost on reload, and two regressions
+  the soak must report;
+- ``reboot:`` a guest reboot under QEMU (the torture test);
+- ``issue 12:`` least trust: each fix of the trust model reverted as simply
+  as possible (the guest RAM and dump-skeys files, the control socket and
+  its directory, per-client and per-uid caps and timeouts, fds, eventfds,
+  the write guard's sizes, close-on-exec, no_new_privs, metrics), against
+  the attacker test that must catch it;
+- ``issue 14:`` the two kernel generations of the memop emulation and the
+  KVM fake: each generation-specific rule made to behave as the other
+  generation's, and KvmBackend's EINTR retry removed.
+
+Rows whose name ends in "(QEMU)" or "(the soak must say so)" boot a guest
+(minutes each); the others run in seconds.
+
     python tests/mutations/run.py              # all, with the baseline
     python tests/mutations/run.py -k reload    # those whose name contains "reload"
+    python tests/mutations/run.py -k "issue 12"
     python tests/mutations/run.py --list
     make mutations
 
@@ -76,6 +101,449 @@ ACK_WITHOUT_WRITE = Patch(
     "        if globals()['_MUTANT'] % 500 == 0:\n"
     "            continue  # acknowledged, never written\n"
     "        lead = target.lead\n",
+)
+
+NO_SUMMARY_CHECK = Patch(
+    BATCH, "                refused = self._refuse(batch, work, where, refusal, refused)\n",
+    "                pass\n",
+)  # fmt: skip
+NO_UNDO = Patch(
+    BATCH, "            notes = await self._undo(lost, written)\n", "            notes = {}\n"
+)
+
+#: Issue 10: a batch is atomic per device (no summary without its dsci, no dsci left without
+#: its summary) and reset-adapter reaches the kernel's FLIC.
+ISSUE_10: tuple[Mutation, ...] = (
+    Mutation(
+        "issue 10: summary stores not checked before the dsci is written (atomic)",
+        (NO_SUMMARY_CHECK,),
+        ("tests/test_engine_atomic.py",),
+    ),
+    Mutation(
+        "issue 10: summary stores not checked before the dsci is written (engine)",
+        (NO_SUMMARY_CHECK,),
+        ("tests/test_engine.py",),
+    ),
+    Mutation(
+        "issue 10: dsci bits not undone when the summary store fails (atomic)",
+        (NO_UNDO,),
+        ("tests/test_engine_atomic.py",),
+    ),
+    Mutation(
+        "issue 10: dsci bits not undone when the summary store fails (engine)",
+        (NO_UNDO,),
+        ("tests/test_engine.py",),
+    ),
+    Mutation(
+        "issue 10: reset-adapter does not reach the kernel's FLIC",
+        (
+            Patch(
+                ENGINE,
+                "        if self.sink.handles_suppression:\n            self.sink.reset_ais(isc)\n",
+                "",
+            ),
+        ),
+        ("tests/test_sinks.py",),
+    ),
+)
+
+HOSTFILES = "indicators/daemon/hostfiles.py"
+SOCKETFILE = "indicators/daemon/socketfile.py"
+SERVER = "indicators/daemon/qmp_server.py"
+EVENTFDS = "indicators/daemon/eventfds.py"
+COMMANDS = "indicators/daemon/commands.py"
+GUARD = "indicators/memop/guard.py"
+VMFD = "indicators/memop/vmfd.py"
+METRICS = "indicators/metrics.py"
+HOSTFILE_TESTS = "tests/test_attack_hostfiles.py"
+SKEYS_TESTS = "tests/test_attack_skeys.py"
+SOCKET_TESTS = "tests/test_attack_socket.py"
+CLIENT_TESTS = "tests/test_attack_clients.py"
+EVENTFD_TESTS = "tests/test_attack_eventfds.py"
+BY_NAME = "            fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)\n"
+
+
+def _if_false(path: str, condition: str) -> Patch:
+    """``if CONDITION:`` (exactly once in ``path``) -> ``if False:``: the check is gone."""
+    return Patch(path, f"if {condition}:\n", "if False:\n")
+
+
+#: Issue 12: least trust.  One row per fix, reverted as simply as possible,
+#: with the attacker test that must catch it.
+ISSUE_12: tuple[Mutation, ...] = (
+    Mutation(
+        "issue 12: guest RAM opened by name without O_NOFOLLOW",
+        (
+            Patch(
+                HOSTFILES,
+                BY_NAME,
+                "            fd = os.open(path, os.O_RDWR | (_OPEN_FLAGS & ~os.O_NOFOLLOW))\n",
+            ),
+        ),
+        (HOSTFILE_TESTS, "-k", "opening_by_name"),
+    ),
+    Mutation(
+        "issue 12: guest RAM opened by name may be created",
+        (Patch(HOSTFILES, BY_NAME, BY_NAME.replace("O_RDWR", "O_RDWR | os.O_CREAT")),),
+        (HOSTFILE_TESTS, "-k", "opening_by_name"),
+    ),
+    Mutation(
+        "issue 12: guest RAM size not checked",
+        (_if_false(HOSTFILES, "info.st_size != size"),),
+        (HOSTFILE_TESTS, "-k", "opening_by_name"),
+    ),
+    Mutation(
+        "issue 12: guest RAM owner not checked",
+        (_if_false(HOSTFILES, "uid is not None and info.st_uid != uid"),),
+        (HOSTFILE_TESTS, "-k", "opening_by_name"),
+    ),
+    Mutation(
+        "issue 12: guest RAM not required to be a regular file",
+        (_if_false(HOSTFILES, "not stat.S_ISREG(info.st_mode)"),),
+        (HOSTFILE_TESTS, "-k", "opening_by_name"),
+    ),
+    Mutation(
+        "issue 12: dump-skeys read without a size cap",
+        (
+            _if_false(HOSTFILES, "info.st_size > self.cap"),
+            Patch(
+                HOSTFILES,
+                "        data = os.pread(self._fd, self.cap + 1, 0)\n"
+                "        if len(data) > self.cap:\n",
+                "        data = os.pread(self._fd, info.st_size, 0)\n        if False:\n",
+            ),
+        ),
+        (SKEYS_TESTS, "-k", "junk"),
+    ),
+    Mutation(
+        "issue 12: host files opened without O_NONBLOCK",
+        (Patch(HOSTFILES, " | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY", " | os.O_CLOEXEC"),),
+        (HOSTFILE_TESTS, "-k", "opening_by_name"),
+    ),
+    Mutation(
+        "issue 12: dump-skeys without a timeout",
+        (
+            Patch(
+                "indicators/daemon/vmm.py",
+                "async with asyncio.timeout(self.skeys_timeout):",
+                "async with asyncio.timeout(None):",
+            ),
+        ),
+        (SKEYS_TESTS, "-k", "never_comes"),
+    ),
+    Mutation(
+        "issue 12: control socket chmod-ed by name after bind (no umask)",
+        (
+            Patch(SOCKETFILE, "os.umask(0o777 & ~mode)", "os.umask(0o022)"),
+            Patch(
+                SOCKETFILE,
+                "            sock.bind(path)\n",
+                "            sock.bind(path)\n            os.chmod(path, mode)\n",
+            ),
+        ),
+        (SOCKET_TESTS, "-k", "born_with_its_mode"),
+    ),
+    Mutation(
+        "issue 12: a socket directory others can write is accepted",
+        (
+            _if_false(
+                SOCKETFILE, "mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX"
+            ),
+        ),
+        (SOCKET_TESTS, "-k", "others_can_write"),
+    ),
+    Mutation(
+        "issue 12: a socket directory of another user is accepted",
+        (_if_false(SOCKETFILE, "st.st_uid not in (0, os.geteuid())"),),
+        (SOCKET_TESTS, "-k", "of_another_user"),
+    ),
+    Mutation(
+        "issue 12: stored fds not capped per client",
+        (_if_false(SESSION, "name not in self._fds and len(self._fds) >= limit"),),
+        (CLIENT_TESTS, "-k", "stored_fds"),
+    ),
+    Mutation(
+        "issue 12: clients of one uid not capped",
+        (_if_false(SERVER, "mine >= self.max_sessions_per_uid"),),
+        (CLIENT_TESTS, "-k", "connections_of_one_uid"),
+    ),
+    Mutation(
+        "issue 12: clients in all not capped",
+        (_if_false(SERVER, "len(self._sessions) >= self.max_sessions"),),
+        (CLIENT_TESTS, "-k", "connections_in_all"),
+    ),
+    Mutation(
+        "issue 12: negotiation timeout never armed",
+        (
+            Patch(
+                SESSION,
+                "                if timeout is not None:\n"
+                "                    self._deadline = self._loop.call_later(",
+                "                if False:\n"
+                "                    self._deadline = self._loop.call_later(",
+            ),
+        ),
+        (CLIENT_TESTS, "-k", "never_negotiate"),
+    ),
+    Mutation(
+        "issue 12: no negotiation timeout by default",
+        (
+            Patch(
+                "indicators/config.py",
+                '        default=30.0, gt=0, description="seconds a client has for qmp_',
+                '        default=None, gt=0, description="seconds a client has for qmp_',
+            ),
+        ),
+        (CLIENT_TESTS, "-k", "negotiate_by_default"),
+    ),
+    Mutation(
+        "issue 12: an fd not tied to the message that carried it",
+        (
+            Patch(
+                SESSION,
+                "            await self._run_handler(command, arguments, echo, reply)\n"
+                "        finally:\n"
+                "            _close_all(fds)\n",
+                "            await self._run_handler(command, arguments, echo, reply)\n"
+                "        finally:\n"
+                "            self._unclaimed.extend(fds)  # left for whichever message is next\n",
+            ),
+        ),
+        (CLIENT_TESTS, "-k", "belongs_to_the_message"),
+    ),
+    Mutation(
+        "issue 12: a notify's vector list not de-duplicated",
+        (Patch(COMMANDS, "return list(dict.fromkeys(args.vector))", "return list(args.vector)"),),
+        (CLIENT_TESTS, "-k", "each_vector_once"),
+    ),
+    Mutation(
+        "issue 12: one NOTIFY_FAILED event per failed item, not per batch",
+        (
+            Patch(
+                SERVICE,
+                "            batch = self._failed.get(event.error.device)\n",
+                "            batch = None\n",
+            ),
+            Patch(
+                SERVICE,
+                "batch = self._failed[event.error.device] = FailureBatch()",
+                "batch = self._failed[id(event.error)] = FailureBatch()",
+            ),
+        ),
+        (CLIENT_TESTS, "-k", "huge_failing_vector_list"),
+    ),
+    Mutation(
+        "issue 12: refused peers logged without a rate limit",
+        (
+            Patch(
+                SERVER,
+                "            _LIMITER.warning(\n"
+                "                logger,\n"
+                '                "refused-peer",\n',
+                "            logger.warning(\n",
+            ),
+        ),
+        (CLIENT_TESTS, "-k", "flood_of_refused"),
+    ),
+    Mutation(
+        "issue 12: a semaphore eventfd accepted",
+        (_if_false(EVENTFDS, "semaphore"),),
+        (EVENTFD_TESTS, "-k", "semaphore_eventfd_is_refused"),
+    ),
+    Mutation(
+        "issue 12: a semaphore eventfd not caught by its reads (no fdinfo)",
+        (_if_false(EVENTFDS, "source.ones >= _SEMAPHORE_READS"),),
+        (EVENTFD_TESTS, "-k", "without_fdinfo"),
+    ),
+    Mutation(
+        "issue 12: a blocking eventfd made non-blocking instead of refused",
+        (
+            Patch(
+                EVENTFDS,
+                "            if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:\n"
+                "                raise EventfdError(\n",
+                "            if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:\n"
+                "                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL)"
+                " | os.O_NONBLOCK)\n"
+                "            if False:\n"
+                "                raise EventfdError(\n",
+            ),
+        ),
+        (EVENTFD_TESTS, "-k", "blocking_eventfd"),
+    ),
+    Mutation(
+        "issue 12: eventfd limit per connection, not per uid",
+        (Patch(COMMANDS, "owner=session.credentials.uid", "owner=id(session)"),),
+        (EVENTFD_TESTS, "-k", "reconnecting"),
+    ),
+    Mutation(
+        "issue 12: detach-eventfd by any client",
+        (Patch(EVENTFDS, "and source.owner not in (None, requester)", "and False"),),
+        (EVENTFD_TESTS, "-k", "detached_only_by"),
+    ),
+    Mutation(
+        "issue 12: the guard forwards a cmpxchg size it cannot check",
+        (_if_false(GUARD, "size not in _CMPXCHG_SIZES"),),
+        ("tests/test_guard.py", "-k", "cmpxchg_of_a_size"),
+    ),
+    Mutation(
+        "issue 12: the guard forwards a write size it cannot check",
+        (_if_false(GUARD, "not 0 < len(data) <= 16"),),
+        ("tests/test_guard.py", "-k", "write_of_a_size"),
+    ),
+    Mutation(
+        "issue 12: the guard lets a store check of a size it cannot check pass",
+        (_if_false(GUARD, "store and not 0 < size <= 16"),),
+        ("tests/test_guard.py", "-k", "store_check_of_a_size"),
+    ),
+    Mutation(
+        "issue 12: a VM fd received over unix is not close-on-exec",
+        (Patch(VMFD, "fds.itemsize), socket.MSG_CMSG_CLOEXEC", "fds.itemsize), 0"),),
+        ("tests/test_vmfd.py", "-k", "received_over_unix"),
+    ),
+    Mutation(
+        "issue 12: an inherited VM fd is duplicated inheritable",
+        (
+            Patch(
+                VMFD,
+                "        duplicate = os.dup(fd)\n",
+                "        duplicate = os.dup(fd)\n        os.set_inheritable(duplicate, True)\n",
+            ),
+        ),
+        ("tests/test_vmfd.py", "-k", "inherited_is_close_on_exec"),
+    ),
+    Mutation(
+        "issue 12: PR_SET_NO_NEW_PRIVS not set",
+        (Patch(SERVICE, "            forbid_new_privileges()\n", "            pass\n"),),
+        ("tests/test_privileges.py", "-k", "drops_to_the_user"),
+    ),
+    Mutation(
+        "issue 12: metrics connections without a socket timeout",
+        (Patch(METRICS, "    timeout = TIMEOUT\n", "    timeout = None\n"),),
+        ("tests/test_metrics.py", "-k", "silent_connection"),
+    ),
+    Mutation(
+        "issue 12: metrics threads not bounded",
+        (
+            Patch(
+                METRICS,
+                "threading.BoundedSemaphore(MAX_HANDLERS)",
+                "threading.BoundedSemaphore(1 << 20)",
+            ),
+        ),
+        ("tests/test_metrics.py", "-k", "pile_up"),
+    ),
+)
+
+EMULATED = "indicators/memop/emulated.py"
+KERNEL = "indicators/memop/kernel.py"
+GENERATIONS = "indicators/memop/generations.py"
+GENERATION_TESTS = ("tests/test_kernel_generations.py", "tests/test_memop_conformance.py")
+KVM_TESTS = "tests/test_kvm_backend.py"
+ALIGNED_THEN_BACKED = (
+    "            self._check_mask_aligned(gaddr, size, key, old)\n"
+    "            self._check_backed(gaddr, size, key, old)\n"
+)
+
+#: Issue 14: the two kernel generations of the memop.  One row per rule that
+#: depends on the generation, made to behave as the other generation's.
+ISSUE_14: tuple[Mutation, ...] = (
+    Mutation(
+        "issue 14: 6.3 checks the alignment before the memslot (7.0's order)",
+        (Patch(EMULATED, '        if self.kernel == "6.3":\n', "        if False:\n"),),
+        GENERATION_TESTS,
+    ),
+    Mutation(
+        "issue 14: 7.0 checks the memslot before the alignment (6.3's order)",
+        (
+            Patch(
+                EMULATED,
+                ALIGNED_THEN_BACKED,
+                "            self._check_backed(gaddr, size, key, old)\n"
+                "            self._check_mask_aligned(gaddr, size, key, old)\n",
+            ),
+        ),
+        GENERATION_TESTS,
+    ),
+    Mutation(
+        "issue 14: 6.3 fails with the fault-in errors of 7.0",
+        (
+            Patch(
+                EMULATED,
+                'if self.kernel == "7.0" and faults is not None:',
+                "if faults is not None:",
+            ),
+        ),
+        GENERATION_TESTS,
+    ),
+    Mutation(
+        "issue 14: 7.0 has no fault-in errors (as 6.3)",
+        (Patch(EMULATED, 'if self.kernel == "7.0" and faults is not None:', "if False:"),),
+        GENERATION_TESTS,
+    ),
+    Mutation(
+        "issue 14: the 7.0 fault-in before the alignment and memslot checks",
+        (
+            Patch(
+                EMULATED,
+                ALIGNED_THEN_BACKED,
+                "            if self.faults is not None and (code := self.faults.faultin()):\n"
+                "                raise MemopError(\n"
+                "                    code, _FAULTIN_REASONS[code], gaddr=gaddr, size=size,\n"
+                "                    key=key,\n"
+                "                )\n" + ALIGNED_THEN_BACKED,
+            ),
+        ),
+        GENERATION_TESTS,
+    ),
+    Mutation(
+        "issue 14: the KVM fake writes the old buffer back on 7.0 as on 6.3",
+        (Patch(KERNEL, 'every_path = self.backend.kernel == "7.0"', "every_path = False"),),
+        (KVM_TESTS, "-k", "old_buffer"),
+    ),
+    Mutation(
+        "issue 14: the KVM fake writes the old buffer back on 6.3 as on 7.0",
+        (Patch(KERNEL, 'every_path = self.backend.kernel == "7.0"', "every_path = True"),),
+        (KVM_TESTS, "-k", "old_buffer"),
+    ),
+    Mutation(
+        "issue 14: the 6.3 KVM fake writes the old buffer back after addressing",
+        (Patch(KERNEL, "exc.code != abi.PGM_ADDRESSING", "True"),),
+        (KVM_TESTS, "-k", "old_buffer"),
+    ),
+    Mutation(
+        "issue 14: the 6.3 KVM fake does not write the old buffer back after protection",
+        (Patch(KERNEL, "(every_path or exc.code != abi.PGM_ADDRESSING)", "every_path"),),
+        (KVM_TESTS, "-k", "old_buffer"),
+    ),
+    Mutation(
+        "issue 14: the KVM fake reports a 6.3 release whatever its generation",
+        (Patch(KERNEL, 'return f"{self.backend.kernel}.0-emulated"', 'return "6.3.0-emulated"'),),
+        (KVM_TESTS, "-k", "generation"),
+    ),
+    Mutation(
+        "issue 14: a 7.0 release taken for 6.3",
+        (Patch(GENERATIONS, "if version >= (7, 0):", "if version >= (7, 1):"),),
+        (KVM_TESTS, "-k", "generation"),
+    ),
+    Mutation(
+        "issue 14: a 6.3 release given no generation",
+        (Patch(GENERATIONS, "if version >= (6, 3):", "if version >= (6, 4):"),),
+        (KVM_TESTS, "-k", "generation"),
+    ),
+    Mutation(
+        "issue 14: KvmBackend does not retry -EINTR",
+        (
+            Patch(
+                "indicators/memop/kvm.py",
+                "            if exc.errno != errno.EINTR:\n"
+                "                raise\n"
+                "        for attempt in range(2, EINTR_ATTEMPTS + 1):\n",
+                "            raise\n        for attempt in range(2, EINTR_ATTEMPTS + 1):\n",
+            ),
+        ),
+        (KVM_TESTS, "-k", "eintr"),
+    ),
 )
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -355,6 +823,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         (Patch(GUEST, "18:     mvcle   %r2,%r4,0\n        jo      18b\n", ""),),
         ("tests/test_reboot.py", "-k", "torture"),
     ),
+    *ISSUE_10,
+    *ISSUE_12,
+    *ISSUE_14,
 )
 
 
