@@ -145,8 +145,8 @@ async def test_an_event_and_the_reply_of_the_command_that_raised_it_leave_in_one
         client = await RawClient.connect(path)
         try:
             (session,) = server._sessions
-            probe = _CountingSocket(session._sock)
-            session._sock = probe  # type: ignore[assignment]
+            probe = _CountingSocket(session._outbox._sock)
+            session._outbox._sock = probe  # type: ignore[assignment]
             client.send(b'{"execute": "ring"}\n')
             event = await asyncio.wait_for(client.recv(), TIMEOUT)
             reply = await asyncio.wait_for(client.recv(), TIMEOUT)

@@ -12,14 +12,12 @@ system calls as possible:
   moment it returns; replies leave in request order (a finished reply waits
   only for the earlier ones);
 - output is written at once with a non-blocking ``send``; only what the
-  kernel does not take waits in a buffer, sent when the socket is writable.
+  kernel does not take waits, sent when the socket is writable
+  (:class:`~indicators.daemon.outbox.Outbox`).
 
-fds passed with SCM_RIGHTS belong to the message they came with (the one
-whose bytes end the chunk that carried them, or, when they came with
-whitespace only, as ``qemu.qmp``'s ``send_fd_scm`` sends them, the next
-one); whatever that message's command did not store is closed when it is
-answered, so a surplus in one message never shifts the pairing of a later
-one.
+fds passed with SCM_RIGHTS belong to the message they came with, and
+whatever that message's command did not store is closed when it is answered
+(:mod:`indicators.daemon.passedfds`).
 
 Input stops being read while the client has ``max_pending`` requests in
 flight, while more than half of ``max_queued`` of its output is unsent, and
@@ -34,12 +32,8 @@ server.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import contextlib
-import contextvars
 import logging
-import os
 import socket
 import struct
 from collections import deque
@@ -49,6 +43,8 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, Field
 
+from .outbox import Outbox
+from .passedfds import ANCILLARY_SIZE, PassedFds, close_all, fds_of, message_fds
 from .qmp_wire import (
     COMMAND_NOT_FOUND,
     FramingError,
@@ -71,15 +67,7 @@ __all__ = ["CapabilitiesArgs", "Handler", "PeerCredentials", "QmpCommand", "QmpH
 logger = logging.getLogger(__name__)
 
 _RECV_SIZE = 65536
-_MAX_FDS_PER_RECV = 8
-_ANCILLARY_SIZE = socket.CMSG_LEN(_MAX_FDS_PER_RECV * array.array("i").itemsize)
-_MAX_UNCLAIMED_FDS = 16  # fds passed with whitespace, waiting for their message
 _DENY_LINGER = 1.0  # seconds to deliver the refusal to a peer that is not allowed
-
-#: The fds that came with the message whose command runs in this task.
-_MESSAGE_FDS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "qmp_message_fds", default=None
-)
 
 #: ``async def handler(args, session) -> JSON-able``; ``args`` is the validated model or None.
 Handler = Callable[[Any, "QmpSession"], Awaitable[object]]
@@ -145,8 +133,7 @@ class QmpSession:
         # Events start only after the qmp_capabilities reply is queued: a client
         # (qemu.qmp included) expects that reply as the first message after the greeting.
         self._events_on = False
-        self._fds: dict[str, int] = {}
-        self._unclaimed: list[int] = []  # passed, waiting for the message they belong to
+        self._passed = PassedFds(server.max_fds)
         # Input: frames read but not started wait in _frames; the socket is read
         # (the reader stays registered) only while none wait.
         self._framer = JsonFramer(server.max_message)
@@ -164,10 +151,8 @@ class QmpSession:
         self._max_pending = server.max_pending
         # Output not yet taken by the kernel; requests are not started while
         # more than half of max_queued waits (the client does not read).
-        self._out = bytearray()
+        self._outbox = Outbox(sock, self._output_progress, self._output_failed)
         self._resume_below = server.max_queued // 2
-        self._writing = False
-        self._corked = False  # while one read is handled: its replies go out in one send
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: asyncio.Future[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
@@ -188,7 +173,7 @@ class QmpSession:
     @property
     def fd_names(self) -> frozenset[str]:
         """Names of the fds stored by ``getfd`` and not yet taken or closed."""
-        return frozenset(self._fds)
+        return self._passed.names
 
     def send_event(self, name: str, data: Mapping[str, object] | None = None) -> bool:
         """Queue an event for this client; False if it is not negotiated or is closing."""
@@ -196,10 +181,7 @@ class QmpSession:
 
     def take_fd(self, name: str) -> int:
         """Remove the fd stored under ``name``; the caller owns (and must close) it."""
-        try:
-            return self._fds.pop(name)
-        except KeyError:
-            raise QmpCommandError(f"File descriptor named '{name}' not found") from None
+        return self._passed.take(name)
 
     def close(self, grace: float = 1.0) -> None:
         """Stop reading; deliver in-flight replies for up to ``grace`` seconds, then hang up."""
@@ -223,21 +205,7 @@ class QmpSession:
         per-client cap, a :class:`QmpCommandError` says so (the fd is closed
         with the message's other unclaimed fds).
         """
-        fds = _MESSAGE_FDS.get()
-        if not fds:
-            raise QmpCommandError("No file descriptor supplied via SCM_RIGHTS")
-        if name[:1].isdigit():  # QEMU consumes the fd in this case too
-            raise QmpCommandError("Parameter 'fdname' expects a name not starting with a digit")
-        limit = self.server.max_fds
-        if name not in self._fds and len(self._fds) >= limit:
-            raise QmpCommandError(
-                f"fdname '{name}': a client may keep at most {limit} fds stored; closefd one first"
-            )
-        fd = fds.pop(0)
-        old = self._fds.pop(name, None)
-        if old is not None:
-            os.close(old)
-        self._fds[name] = fd
+        self._passed.store(name)
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -260,15 +228,15 @@ class QmpSession:
 
     def _admitted(self) -> bool:
         if self.server.admits(self.credentials):
-            self._enqueue(self.server.greeting)
+            self._outbox.send(self.server.greeting)
             return True
         denied = QmpCommandError(f"Permission denied for uid {self.credentials.uid}")
-        self._enqueue(encode(error_reply(denied, {})))
+        self._outbox.send(encode(error_reply(denied, {})))
         return False
 
     def _check_done(self) -> None:
         """End the session once input is over and every reply has been sent."""
-        if not (self._input_open or self._replies or self._out):
+        if not (self._input_open or self._replies or self._outbox.waiting):
             self._finish()
 
     def _finish(self) -> None:
@@ -279,9 +247,7 @@ class QmpSession:
         self._ended = self._closing = True
         self._input_open = False
         self._want_input()
-        if self._writing:
-            self._loop.remove_writer(self._fileno)
-            self._writing = False
+        self._outbox.close()
         for timer in (self._throttle, self._grace, self._deadline):
             if timer is not None:
                 timer.cancel()
@@ -292,12 +258,9 @@ class QmpSession:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for reply in self._replies:  # handlers cancelled before they ever ran
-                _close_all(reply.fds)
-            for fd in [*self._fds.values(), *self._unclaimed]:
-                _close_quietly(fd)
+                close_all(reply.fds)
+            self._passed.close()
             self._drop_frames()
-            self._fds.clear()
-            self._unclaimed.clear()
             self._sock.close()
             logger.debug("QMP %r disconnected", self)
 
@@ -309,7 +272,7 @@ class QmpSession:
             return
         logger.debug("QMP %r did not negotiate in time; disconnecting it", self)
         late = QmpCommandError("Capabilities negotiation timed out; disconnecting")
-        self._enqueue(encode(error_reply(late, {})))
+        self._outbox.send(encode(error_reply(late, {})))
         self.close(grace=0.0)
 
     def _arm_idle(self) -> None:
@@ -347,7 +310,7 @@ class QmpSession:
         """Read one chunk, keeping any fds that came with it (streams drop them)."""
         try:
             data, ancdata, flags, _ = self._sock.recvmsg(
-                _RECV_SIZE, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                _RECV_SIZE, ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return
@@ -355,33 +318,21 @@ class QmpSession:
             logger.debug("QMP %r: read failed: %r", self, exc)
             self._end_input()
             return
-        carried = _received_fds(ancdata) if ancdata else []
+        carried = fds_of(ancdata) if ancdata else []
         if flags & socket.MSG_CTRUNC:  # the kernel closed the fds that did not fit
-            logger.debug("QMP %r passed more than %d fds at once", self, _MAX_FDS_PER_RECV)
+            logger.debug("QMP %r passed more fds at once than one read takes", self)
         if not data:
-            for fd in carried:
-                _close_quietly(fd)
+            close_all(carried)
             self._end_input()
             return
         self._last_input = self._loop.time()
         framer = self._framer
         frames = framer.feed(data)
-        # The kernel ends a read after the data that carried fds: they belong to
-        # the message that ends this chunk, or to the next one when the chunk
-        # ends inside a message or between messages without completing one.
-        # fds waiting from earlier chunks belong to the first message completed.
-        owned: list[list[int]] = [[] for _ in frames]
-        if frames and self._unclaimed:
-            owned[0], self._unclaimed = self._unclaimed, []
-        if carried:
-            if frames and not framer.partial:
-                owned[-1].extend(carried)
-            else:
-                self._wait_fds(carried)
+        owned = self._passed.assign(len(frames), carried, framer.partial)
         if not frames:
             return
         self._frames.extend(zip(frames, owned, strict=True))
-        self._corked = True
+        self._outbox.cork()
         try:
             self._pump()
         except Exception:  # a bug: stop reading this client rather than spin
@@ -389,14 +340,7 @@ class QmpSession:
             self._drop_frames()
             self._end_input()
         finally:
-            self._uncork()
-
-    def _wait_fds(self, fds: list[int]) -> None:
-        """Keep ``fds`` for the next message, at most :data:`_MAX_UNCLAIMED_FDS` of them."""
-        self._unclaimed.extend(fds)
-        while len(self._unclaimed) > _MAX_UNCLAIMED_FDS:
-            logger.debug("QMP %r passed too many fds without a message; closing one", self)
-            _close_quietly(self._unclaimed.pop(0))
+            self._outbox.uncork()
 
     def _end_input(self) -> None:
         self._input_open = False
@@ -412,7 +356,7 @@ class QmpSession:
             frames = self._frames
             while frames:
                 if (
-                    len(self._out) > self._resume_below  # it does not read: read it no more
+                    len(self._outbox.waiting) > self._resume_below  # it does not read: read no more
                     or len(self._replies) >= self._max_pending
                     or self._throttle is not None
                     or (self._rate and not self._take_token())
@@ -454,13 +398,12 @@ class QmpSession:
     def _drop_frames(self) -> None:
         """Forget the frames not started, closing the fds that came with them."""
         for _, fds in self._frames:
-            for fd in fds:
-                _close_quietly(fd)
+            close_all(fds)
         self._frames.clear()
 
     def _start(self, frame: object, fds: list[int]) -> None:
         if not self._start_frame(frame, fds):
-            _close_all(fds)  # answered at once: no handler could claim them
+            close_all(fds)  # answered at once: no handler could claim them
 
     def _start_frame(self, frame: object, fds: list[int]) -> bool:
         """Answer ``frame`` or start its handler; True if the handler took ``fds``."""
@@ -503,7 +446,7 @@ class QmpSession:
         if self._replies:
             self._replies.append(_Reply(data, events))
             return
-        self._enqueue(data)
+        self._outbox.send(data)
         if events:
             self._events_on = True
 
@@ -539,11 +482,11 @@ class QmpSession:
         The handler may claim ``fds`` (the ones its message carried); the rest
         are closed when it is done.
         """
-        _MESSAGE_FDS.set(fds)
+        message_fds.set(fds)
         try:
             await self._run_handler(command, arguments, echo, reply)
         finally:
-            _close_all(fds)
+            close_all(fds)
 
     async def _run_handler(
         self,
@@ -582,98 +525,42 @@ class QmpSession:
             return  # head-of-line: an earlier request is still running
         while replies and (ready := replies[0].data) is not None:
             if replies.popleft().events:
-                self._enqueue(ready)
+                self._outbox.send(ready)
                 self._events_on = True
             else:
-                self._enqueue(ready)
+                self._outbox.send(ready)
         if self._frames:
             self._pump()
         self._check_done()
 
     # -- output -----------------------------------------------------------------
 
-    def _enqueue(self, data: bytes) -> None:
-        """Send ``data`` now, after the output waiting before it; keep what the kernel
-        does not take (in order) until the socket is writable."""
-        if self._ended:
-            return
-        if self._out or self._corked:
-            self._out += data
-            if not (self._writing or self._corked):
-                self._send_out()
-            return
-        try:
-            sent = self._sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._output_failed(exc)
-            return
-        if sent < len(data):
-            self._out += memoryview(data)[sent:]
-            self._loop.add_writer(self._fileno, self._send_out)
-            self._writing = True
-
-    def _uncork(self) -> None:
-        self._corked = False
-        if self._out and not self._writing:
-            self._send_out()
-
-    def _send_out(self) -> None:
-        """Send what waits; wait for the socket to be writable if the kernel took part."""
-        out = self._out
-        try:
-            sent = self._sock.send(out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._output_failed(exc)
-            return
-        del out[:sent]
-        if out:
-            if not self._writing:
-                self._loop.add_writer(self._fileno, self._send_out)
-                self._writing = True
-        elif self._writing:
-            self._loop.remove_writer(self._fileno)
-            self._writing = False
-        if self._frames and len(out) <= self._resume_below:
+    def _output_progress(self) -> None:
+        """Output left: read the client again if it was held for its output; maybe done."""
+        if self._frames and len(self._outbox.waiting) <= self._resume_below:
             self._pump()
         self._check_done()
 
     def _output_failed(self, exc: OSError) -> None:
         logger.debug("QMP %r: write failed: %r", self, exc)
-        self._out.clear()
         self._drop_frames()
         self._input_open = False
         self._ended = self._closing = True  # the peer is gone: nothing more can reach it
         self._want_input()
-        if self._writing:
-            self._loop.remove_writer(self._fileno)
-            self._writing = False
         self._finish()
 
     def send_encoded_event(self, data: bytes) -> bool:
         """:meth:`send_event` for an event already encoded (a broadcast encodes once)."""
         if not (self._events_on and self._input_open) or self._closing:
             return False
-        if len(self._out) + len(data) > self.server.max_queued:
+        if len(self._outbox.waiting) + len(data) > self.server.max_queued:
             logger.warning("QMP %r does not read its events; disconnecting it", self)
             self.close(grace=0.0)
             return False
-        if self._out or self._corked or self._ended:
-            self._enqueue(data)
-            return True
         # Sent at the end of this loop pass, not now: the reply of the command
-        # that caused the event (and other events of the pass) go in the same
-        # send, one wake-up of the client instead of two.
-        self._out += data
-        self._loop.call_soon(self._send_deferred)
+        # that caused the event (and other events of the pass) go in the same send.
+        self._outbox.send_soon(data)
         return True
-
-    def _send_deferred(self) -> None:
-        if self._out and not (self._writing or self._corked or self._ended):
-            self._send_out()
 
 
 class CapabilitiesArgs(QmpArgs):
@@ -728,23 +615,3 @@ class QmpHost(Protocol):
     def admits(self, credentials: PeerCredentials) -> bool:
         """Whether a peer with these credentials may use the server."""
         ...
-
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def _close_all(fds: list[int]) -> None:
-    """Close every fd in ``fds`` and empty it (so nobody closes a number twice)."""
-    while fds:
-        _close_quietly(fds.pop())
-
-
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds of SCM_RIGHTS messages in ``ancdata``."""
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return list(fds)

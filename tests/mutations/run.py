@@ -90,6 +90,7 @@ ENGINE = "indicators/engine.py"
 BATCH = "indicators/batch.py"
 BITOR = "indicators/bitor.py"
 SESSION = "indicators/daemon/qmp_session.py"
+PASSEDFDS = "indicators/daemon/passedfds.py"
 GUEST = "indicators/testing/guest/airq.S"
 HOOKS = "indicators/daemon/guesthooks.py"
 
@@ -259,7 +260,7 @@ ISSUE_12: tuple[Mutation, ...] = (
     ),
     Mutation(
         "issue 12: stored fds not capped per client",
-        (_if_false(SESSION, "name not in self._fds and len(self._fds) >= limit"),),
+        (_if_false(PASSEDFDS, "name not in stored and len(stored) >= self.limit"),),
         (CLIENT_TESTS, "-k", "stored_fds"),
     ),
     Mutation(
@@ -303,10 +304,10 @@ ISSUE_12: tuple[Mutation, ...] = (
                 SESSION,
                 "            await self._run_handler(command, arguments, echo, reply)\n"
                 "        finally:\n"
-                "            _close_all(fds)\n",
+                "            close_all(fds)\n",
                 "            await self._run_handler(command, arguments, echo, reply)\n"
                 "        finally:\n"
-                "            self._unclaimed.extend(fds)  # left for whichever message is next\n",
+                "            self._passed.wait_for_message(fds)  # left for whichever is next\n",
             ),
         ),
         (CLIENT_TESTS, "-k", "belongs_to_the_message"),
