@@ -74,6 +74,7 @@ __all__ = [
     "ZpciDevice",
     "load_config",
     "parse_config",
+    "parse_device",
     "parse_size",
 ]
 
@@ -259,6 +260,30 @@ def _valid(adapter: TypeAdapter[_T], value: Any) -> _T | None:
         return adapter.validate_python(value)
     except ValidationError:
         return None
+
+
+class _DeviceEntry(ConfigModel):
+    """One ``[[devices]]`` entry on its own (``device-add``), located as in a config."""
+
+    devices: list[DeviceConfig]
+
+
+def parse_device(fields: Any) -> DeviceConfig:
+    """Validate one ``[[devices]]`` entry; :class:`ConfigError` in the config check's words.
+
+    The same model and wording as a device in a config file (the device's
+    name and the field, the value given, "did you mean"); the rules between
+    devices are the caller's (they depend on the set it joins).
+    """
+    raw = {"devices": [fields]}
+    try:
+        return _DeviceEntry.model_validate(raw).devices[0]
+    except ValidationError as exc:
+        problems = config_messages.field_errors(exc, raw, _DeviceEntry)
+    # Not a config file's n-th entry: an unnamed device is just "device".
+    raise ConfigError(
+        "device", [(where.replace("devices[0]", "device", 1), what) for where, what in problems]
+    )
 
 
 def load_config(path: str | Path) -> Config:
