@@ -238,8 +238,13 @@ def _snippet_command(args: argparse.Namespace) -> int:
         if args.domain == "-":
             text = sys.stdin.read()
         else:
-            with open(args.domain) as file:
-                text = file.read()
+            with open(args.domain, "rb") as file:
+                data = file.read()
+            try:
+                text = data.decode()
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{args.domain}: not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start}): give the XML of virsh dumpxml")  # fmt: skip
         sys.stdout.write(merge_into(text, args.name))
     except (ValueError, LibvirtError) as exc:
         print(f"indicators libvirt-snippet: {exc}", file=sys.stderr)
