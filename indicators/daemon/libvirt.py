@@ -243,8 +243,10 @@ def _snippet_command(args: argparse.Namespace) -> int:
             try:
                 text = data.decode()
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{args.domain}: not UTF-8 text ({exc.reason} at byte "
-                                 f"{exc.start}): give the XML of virsh dumpxml")  # fmt: skip
+                where = f"{exc.reason} at byte {exc.start}"
+                raise ValueError(
+                    f"{args.domain}: not UTF-8 text ({where}): give the XML of virsh dumpxml"
+                ) from None
         sys.stdout.write(merge_into(text, args.name))
     except (ValueError, LibvirtError) as exc:
         print(f"indicators libvirt-snippet: {exc}", file=sys.stderr)
