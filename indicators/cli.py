@@ -5,6 +5,7 @@ indicators config check FILE         validate a config, print a summary
 indicators config schema             the config's JSON Schema
 indicators status --socket PATH      adapters and statistics as a table
 indicators notify --socket PATH DEVICE VECTOR...
+                                     (both: --connect-timeout SECONDS for the greeting)
 indicators demo                      the embedded default, with live progress
 indicators libvirt-snippet NAME      the XML a libvirt domain needs for a daemon
 
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import signal
 import sys
 from typing import Any
@@ -93,20 +95,35 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _client(socket_path: str) -> QMPClient:
+#: Seconds ``status`` and ``notify`` wait for the daemon's greeting (``--connect-timeout``).
+CONNECT_TIMEOUT = 10.0
+
+
+async def _client(socket_path: str, timeout: float = CONNECT_TIMEOUT) -> QMPClient:
     client = QMPClient("indicators-cli")
     try:
-        await client.connect(socket_path)
+        await asyncio.wait_for(client.connect(socket_path), timeout)
+    except TimeoutError:
+        # Something listens there but says nothing: not a daemon, or a hung one.
+        await client.disconnect()
+        raise ResourceError(
+            "daemon socket", socket_path, f"no QMP greeting within {timeout:g} s", action="reach"
+        ) from None
     except ConnectError as exc:
-        cause = exc.exc if isinstance(exc.exc, OSError) else OSError(str(exc.exc))
-        raise ResourceError.from_os_error(
-            "daemon socket", socket_path, cause, action="reach"
+        if isinstance(exc.exc, OSError):
+            raise ResourceError.from_os_error(
+                "daemon socket", socket_path, exc.exc, action="reach"
+            ) from None
+        # A peer that answered something else: one line of what it said, at most.
+        said = str(exc).splitlines()[0] if str(exc) else type(exc.exc).__name__
+        raise ResourceError(
+            "daemon socket", socket_path, f"it does not speak QMP ({said})", action="reach"
         ) from None
     return client
 
 
-async def _status(socket_path: str) -> str:
-    client = await _client(socket_path)
+async def _status(socket_path: str, timeout: float) -> str:
+    client = await _client(socket_path, timeout)
     try:
         adapters = await client.execute("query-adapters")
         stats = await client.execute("query-stats")
@@ -116,12 +133,12 @@ async def _status(socket_path: str) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    print(asyncio.run(_status(args.socket)))
+    print(asyncio.run(_status(args.socket, args.connect_timeout)))
     return 0
 
 
-async def _notify(socket_path: str, device: str, vectors: list[int]) -> Any:
-    client = await _client(socket_path)
+async def _notify(socket_path: str, device: str, vectors: list[int], timeout: float) -> Any:
+    client = await _client(socket_path, timeout)
     try:
         return await client.execute("notify", {"device": device, "vector": vectors})
     finally:
@@ -129,7 +146,7 @@ async def _notify(socket_path: str, device: str, vectors: list[int]) -> Any:
 
 
 def _cmd_notify(args: argparse.Namespace) -> int:
-    result = asyncio.run(_notify(args.socket, args.device, args.vectors))
+    result = asyncio.run(_notify(args.socket, args.device, args.vectors, args.connect_timeout))
     print(json.dumps(result))
     return 0
 
@@ -146,7 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the service")
     run.add_argument("--config", required=True)
-    run.add_argument("--log-level", default="info")
+    run.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error", "critical"),
+    )
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.set_defaults(func=_cmd_run)
     config = sub.add_parser("config", help="check a config or print its schema")
@@ -157,9 +179,11 @@ def _parser() -> argparse.ArgumentParser:
     config_sub.add_parser("schema").set_defaults(func=_cmd_schema)
     status = sub.add_parser("status", help="adapters and statistics of a running daemon")
     status.add_argument("--socket", required=True)
+    _connect_timeout(status)
     status.set_defaults(func=_cmd_status)
     notify = sub.add_parser("notify", help="notify vectors of a device")
     notify.add_argument("--socket", required=True)
+    _connect_timeout(notify)
     notify.add_argument("device")
     notify.add_argument("vectors", nargs="+", type=int)
     notify.set_defaults(func=_cmd_notify)
@@ -171,6 +195,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _connect_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--connect-timeout",
+        type=_positive(float),
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for the daemon's greeting (default {CONNECT_TIMEOUT:g})",
+    )
+
+
 def _positive(kind: type[int] | type[float]) -> Any:
     """An argparse type: a number of ``kind`` above zero (argparse names the option)."""
 
@@ -179,6 +213,8 @@ def _positive(kind: type[int] | type[float]) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
         return value

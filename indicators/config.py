@@ -25,6 +25,7 @@ the JSON Schema of :class:`Config`.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -33,6 +34,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -56,6 +58,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ADAPTER_TYPES",
+    "SUN_PATH_MAX",
     "Config",
     "ConfigError",
     "ControlConfig",
@@ -71,15 +74,29 @@ __all__ = [
     "ZpciDevice",
     "load_config",
     "parse_config",
+    "parse_device",
     "parse_size",
 ]
 
 
 # ------------------------------------------------------------- daemon sections
 
+#: The longest unix socket path: ``sockaddr_un.sun_path`` less its terminating NUL.
+SUN_PATH_MAX = 107
+
 
 class ControlConfig(ConfigModel):
     """The QMP-speaking control socket."""
+
+    @field_validator("socket")
+    @classmethod
+    def _fits_a_socket_address(cls, value: str) -> str:
+        length = len(os.fsencode(value))
+        if length > SUN_PATH_MAX:
+            raise ValueError(
+                f"{value!r} is {length} bytes; a unix socket path holds at most {SUN_PATH_MAX}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> ControlConfig:
@@ -88,7 +105,7 @@ class ControlConfig(ConfigModel):
                 raise ValueError(f"device_ranges: [{start:#x}, {end:#x}) is empty (start >= end)")
         return self
 
-    socket: str = Field(default="/run/indicators/indicators.sock")
+    socket: str = Field(default="/run/indicators/indicators.sock", min_length=1)
     mode: int = Field(default=0o600, ge=0, le=0o777)
     allowed_uids: list[int] = Field(default_factory=list)
     allowed_gids: list[int] = Field(default_factory=list)
@@ -243,6 +260,30 @@ def _valid(adapter: TypeAdapter[_T], value: Any) -> _T | None:
         return adapter.validate_python(value)
     except ValidationError:
         return None
+
+
+class _DeviceEntry(ConfigModel):
+    """One ``[[devices]]`` entry on its own (``device-add``), located as in a config."""
+
+    devices: list[DeviceConfig]
+
+
+def parse_device(fields: Any) -> DeviceConfig:
+    """Validate one ``[[devices]]`` entry; :class:`ConfigError` in the config check's words.
+
+    The same model and wording as a device in a config file (the device's
+    name and the field, the value given, "did you mean"); the rules between
+    devices are the caller's (they depend on the set it joins).
+    """
+    raw = {"devices": [fields]}
+    try:
+        return _DeviceEntry.model_validate(raw).devices[0]
+    except ValidationError as exc:
+        problems = config_messages.field_errors(exc, raw, _DeviceEntry)
+    # Not a config file's n-th entry: an unnamed device is just "device".
+    raise ConfigError(
+        "device", [(where.replace("devices[0]", "device", 1), what) for where, what in problems]
+    )
 
 
 def load_config(path: str | Path) -> Config:

@@ -33,6 +33,10 @@ def field_errors(exc: ValidationError, raw: Any, root: type[BaseModel]) -> list[
         if error["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
             what += f" (given {_shown(error.get('input'))})"
             what += _did_you_mean(loc[-1], _fields_at(root, loc[:-1]))
+        elif error["type"] == "union_tag_not_found":
+            # A section told apart by ``kind`` without one: name the field and its values.
+            loc = (*loc, "kind")
+            what = f"Field required (one of {', '.join(map(repr, _tags_at(root, loc[:-1])))})"
         elif error["type"] == "union_tag_invalid":
             tags = _tags_at(root, loc)
             given = str((error.get("ctx") or {}).get("tag", ""))

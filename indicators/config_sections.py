@@ -14,10 +14,12 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     WithJsonSchema,
     field_validator,
 )
@@ -63,7 +65,20 @@ def parse_size(value: Any) -> Any:
     return value
 
 
-#: A size in bytes: an integer or a string like "16M"; the schema says both,
+#: Guest absolute addresses are 64-bit: no guest memory is larger.
+MAX_MEMORY = 1 << 64
+
+
+def _within_address_space(value: int) -> int:
+    if value > MAX_MEMORY:
+        raise ValueError(
+            f"{value:#x} bytes is past the 64-bit guest address space (at most {MAX_MEMORY:#x})"
+        )
+    return value
+
+
+#: A size in bytes: an integer or a string like "16M" (not a boolean, not a
+#: float), at most the 64-bit address space; the schema says both forms,
 #: with the same pattern the loader applies.
 Size = Annotated[
     int,
@@ -71,12 +86,14 @@ Size = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "integer", "exclusiveMinimum": 0},
+                {"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_MEMORY},
                 {"type": "string", "pattern": _SIZE_PATTERN},
             ]
         }
     ),
+    Strict(),
     Field(gt=0),
+    AfterValidator(_within_address_space),
 ]
 
 
@@ -102,6 +119,7 @@ class EmulatedBackendConfig(ConfigModel):
     memory_size: Size = Field(description="guest memory size in bytes, or '256M'")
     ram: str | None = Field(
         default=None,
+        min_length=1,
         description="RAM file to map (QEMU memory-backend-file share=on), or 'auto' "
         "to ask the VMM link for it; none: anonymous memory",
     )
@@ -169,6 +187,10 @@ ADAPTER_TYPES = {"virtio-ccw": 0, "zpci": 1}
 
 
 class _DeviceBase(ConfigModel):
+    # Strict: a device's numbers are integers, its flags booleans (no "8" for 8, no
+    # true for 1), in a config file and in device-add alike.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     #: The config fields that hold the device's indicator and summary addresses
     #: (errors about those addresses name them).
     indicator_field: ClassVar[str]

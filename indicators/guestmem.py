@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -204,6 +206,8 @@ class GuestMemory:
     def __init__(self, size: int, path: str | None = None, *, create: bool = False) -> None:
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError(f"memory size {size:#x} is not a positive multiple of the page size")
+        if size > sys.maxsize:  # mmap takes a ssize_t: an OverflowError otherwise
+            raise OSError(errno.ENOMEM, f"{size:#x} bytes are more than this host can map")
         self.size = size
         self.path = path
         if path is None:

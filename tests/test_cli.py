@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +177,64 @@ def test_a_missing_daemon_socket_is_named(tmp_path: Path, command: list[str]) ->
     )
 
 
+def test_a_daemon_socket_that_never_greets_times_out(tmp_path: Path) -> None:
+    # A listener that accepts and says nothing (not ours, or a hung daemon).
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+        for command in (["status"], ["notify", "net0", "1"]):
+            started = time.monotonic()
+            result = indicators(
+                command[0], "--socket", str(path), "--connect-timeout", "0.5", *command[1:]
+            )
+            assert time.monotonic() - started < TIMEOUT * 2
+            assert result.returncode == 1, result.stderr
+            assert result.stderr == (
+                f"indicators: cannot reach the daemon socket {path}: no QMP greeting within 0.5 s\n"
+            )
+
+
+def test_a_socket_that_does_not_speak_qmp_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "http.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+
+        def answer() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                peer.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello\n")
+                peer.recv(1)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        result = indicators("status", "--socket", str(path), timeout=TIMEOUT * 3)
+        thread.join(TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"indicators: cannot reach the daemon socket {path}: it does not speak QMP"
+    )
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "x"])
+def test_a_nonsense_connect_timeout_is_refused(value: str) -> None:
+    result = indicators("status", "--socket", "/nonexistent.sock", "--connect-timeout", value)
+    assert result.returncode == 2
+    assert "argument --connect-timeout" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "good.toml", daemon_config(tmp_path / "c.sock"))
+    result = indicators("run", "--config", str(path), "--log-level", "bogus", timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "argument --log-level: invalid choice: 'bogus'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "c.sock").exists()
+
+
 def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     path = write_config(tmp_path / "bad.toml", _with_device_change("net0", vectors=0))
     result = indicators("run", "--config", str(path), timeout=TIMEOUT)
@@ -198,6 +259,8 @@ def test_demo_runs_and_reports_success() -> None:
         (["--batch", "0"], "argument --batch: must be above 0, got 0"),
         (["--seconds", "-1"], "argument --seconds: must be above 0, got -1"),
         (["--batch", "many"], "argument --batch: 'many' is not a int"),
+        (["--seconds", "nan"], "argument --seconds: must be a finite number above 0, got nan"),
+        (["--seconds", "inf"], "argument --seconds: must be a finite number above 0, got inf"),
     ],
 )
 def test_demo_refuses_nonsense_arguments(args: list[str], named: str) -> None:
@@ -260,6 +323,23 @@ def test_an_existing_ram_file_survives_a_failed_start(tmp_path: Path) -> None:
     result = _run_refused(tmp_path, raw)  # asserts the file is still there
     assert result.returncode == 1
     assert ram.read_bytes() == b"\x5a" * MEMORY
+
+
+def test_guest_memory_this_host_cannot_address_is_named(tmp_path: Path) -> None:
+    # Within the 64-bit guest address space (the config is fine), beyond what a
+    # process can map: a runtime failure naming the memory, not an OverflowError.
+    raw = daemon_config(tmp_path / "control.sock")
+    raw["backend"] = {**raw["backend"], "memory_size": 1 << 63}
+    result = _run_refused(tmp_path, raw)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        "indicators: cannot map the RAM file (anonymous): "
+    )
+    ram = tmp_path / "guest.ram"  # created for the start, removed when it fails
+    raw["backend"] = {**raw["backend"], "ram": str(ram)}
+    result = _run_refused(tmp_path, raw)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"indicators: cannot map the RAM file {ram}: ")
 
 
 @pytest.mark.skipif(

@@ -119,6 +119,15 @@ def test_the_snippet_command_explains_bad_input(tmp_path: Path) -> None:
         )  # fmt: skip
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
+    bad.write_bytes(b"\x7fELF\x02\x01\x01\xd0\xff")  # not text: the file is named
+    result = subprocess.run(
+        indicators_command("libvirt-snippet", "g", "--domain", str(bad)),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith(f"indicators libvirt-snippet: {bad}: not UTF-8 text"), (
+        result.stderr
+    )
     result = subprocess.run(
         indicators_command("libvirt-snippet", "g", "--domain", str(tmp_path / "none.xml")),
         capture_output=True, text=True, timeout=TIMEOUT,

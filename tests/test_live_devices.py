@@ -165,6 +165,17 @@ async def test_a_persistent_runtime_device_survives_a_guest_reset(
         # A field of the config's own model, with the value given.
         ({"vectors": 0}, ["'vnet1'.vectors", "greater than or equal to 1", "given 0"]),
         ({"colour": "red"}, ["'vnet1'.colour", "Extra inputs are not permitted"]),
+        # The config check's words: a misspelled field or kind gets a "did you mean".
+        ({"vectros": 8}, ["'vnet1'.vectros", "did you mean 'vectors'?"]),
+        (
+            {"kind": "virtio-cw"},
+            ["device 'vnet1': kind 'virtio-cw' is not one of", "did you mean 'virtio-ccw'?"],
+        ),
+        # No kind at all: the field named, not an empty location and the whole dict.
+        ({"kind": None}, ["device 'vnet1'.kind: Field required"]),
+        # JSON's other types are not numbers: "8" is not 8, true is not isc 1.
+        ({"vectors": "8"}, ["'vnet1'.vectors: Input should be a valid integer (given '8')"]),
+        ({"isc": True}, ["'vnet1'.isc: Input should be a valid integer (given True)"]),
     ],
 )
 async def test_a_bad_device_is_refused_naming_what_is_wrong_and_nothing_changes(

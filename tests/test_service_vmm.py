@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from daemon_helpers import (
 from fake_qemu import FakeQemu
 from qemu.qmp import ExecuteError
 
+from indicators.daemon.vmm import _Quiet
 from indicators.guestmem import GuestMemory
 from indicators.testing.delivery import error_code
 
@@ -197,3 +199,24 @@ async def test_a_new_qemu_gets_its_keys_loaded_on_reattach(tmp_path: Path) -> No
         assert await notify_locked(client, 1) == "applied"
     assert is_set(first, LOCKED_DSCI, 0) and not is_set(first, LOCKED_DSCI, 1)
     assert is_set(second, LOCKED_DSCI, 1) and not is_set(second, LOCKED_DSCI, 0)
+
+
+@pytest.mark.parametrize(("level", "shown"), [(logging.INFO, False), (logging.DEBUG, True)])
+def test_qemu_qmps_failed_attempts_are_shown_only_at_debug_level(level: int, shown: bool) -> None:
+    # qemu.qmp logs each failed connection attempt at ERROR; the link lowers them to
+    # DEBUG, and at --log-level info a DEBUG line must not reach the log at all.
+    logger = logging.getLogger("qemu.qmp.protocol.quiet-test")
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.propagate = False
+    quiet = _Quiet()
+    logger.addFilter(quiet)
+    logger.setLevel(level)
+    try:
+        logger.error("Failed to establish connection: FileNotFoundError")
+    finally:
+        logger.removeFilter(quiet)
+        logger.removeHandler(handler)
+    assert [r.levelname for r in seen] == (["DEBUG"] if shown else [])

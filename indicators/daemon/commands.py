@@ -37,10 +37,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field
 
 from ..abi import KVM_S390_AIS_MODE_ALL, KVM_S390_AIS_MODE_SINGLE
-from ..config import DeviceConfig
+from ..config import ConfigError, DeviceConfig, parse_device
 from ..engine import Engine
 from .eventfds import EventfdError, EventfdSources
 from .qmp_server import QmpArgs, QmpCommandError, QmpServer, QmpSession
@@ -159,8 +159,6 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("quit"),
 )
 
-_DEVICE: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
-
 Handler = Callable[[Any, QmpSession], Awaitable[object]]
 
 
@@ -169,20 +167,11 @@ def _generic(message: str) -> QmpCommandError:
 
 
 def device_spec(fields: dict[str, Any]) -> DeviceConfig:
-    """``fields`` as a ``[[devices]]`` entry; a QmpCommandError names each bad field."""
+    """``fields`` as a ``[[devices]]`` entry; a QmpCommandError in the config check's words."""
     try:
-        return _DEVICE.validate_python(fields)
-    except ValidationError as exc:
-        name = fields.get("name")
-        who = f"device {name!r}" if isinstance(name, str) else "device"
-        problems = []
-        for error in exc.errors():
-            loc = [str(part) for part in error["loc"]]
-            if len(loc) > 1 and loc[0] == fields.get("kind"):
-                loc = loc[1:]  # pydantic's union tag
-            given = f" (given {error['input']!r})" if error["type"] != "missing" else ""
-            problems.append(f"{who}.{'.'.join(loc)}: {error['msg']}{given}")
-        raise _generic("; ".join(problems)) from None
+        return parse_device(fields)
+    except ConfigError as exc:
+        raise _generic("; ".join(f"{where}: {what}" for where, what in exc.errors)) from None
 
 
 def _handlers(daemon: Daemon) -> dict[str, Handler]:

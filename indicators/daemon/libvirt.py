@@ -238,8 +238,15 @@ def _snippet_command(args: argparse.Namespace) -> int:
         if args.domain == "-":
             text = sys.stdin.read()
         else:
-            with open(args.domain) as file:
-                text = file.read()
+            with open(args.domain, "rb") as file:
+                data = file.read()
+            try:
+                text = data.decode()
+            except UnicodeDecodeError as exc:
+                where = f"{exc.reason} at byte {exc.start}"
+                raise ValueError(
+                    f"{args.domain}: not UTF-8 text ({where}): give the XML of virsh dumpxml"
+                ) from None
         sys.stdout.write(merge_into(text, args.name))
     except (ValueError, LibvirtError) as exc:
         print(f"indicators libvirt-snippet: {exc}", file=sys.stderr)

@@ -71,6 +71,8 @@ class _Quiet(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG and record.levelno < logging.CRITICAL:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            # The logger let it through at its old level: drop it unless DEBUG is on.
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
