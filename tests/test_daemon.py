@@ -314,6 +314,8 @@ async def test_reset_adapter_clears_suppression(service: Service, client: Client
         ("set-ais-mode", {"isc": "2", "mode": "all"}, "'isc'"),
         ("query-stats", {"verbose": True}, "Parameter 'verbose' is unexpected"),
         ("detach-eventfd", {"device": "net0", "vector": 1}, "has no eventfd attached"),
+        ("detach-eventfd", {"device": "nope", "vector": 1}, "unknown device 'nope'"),
+        ("detach-eventfd", {"device": "net0", "vector": 99}, "vector 99 is not one"),
         ("attach-eventfd", {"device": "net0", "vector": 1, "fdname": "x"}, "named 'x' not found"),
         ("getfd", {"fdname": "x"}, "No file descriptor supplied"),
     ],

@@ -224,8 +224,9 @@ def _handlers(daemon: Daemon) -> dict[str, Handler]:
 
     async def detach_eventfd(args: DetachArgs, session: QmpSession) -> dict[str, Any]:
         try:
+            daemon.engine.check_target(args.device, args.vector)  # name what is wrong first
             daemon.eventfds.detach(args.device, args.vector, session.credentials.uid)
-        except EventfdError as exc:
+        except (EventfdError, ValueError) as exc:
             raise _generic(str(exc)) from None
         return {}
 
