@@ -504,3 +504,15 @@ async def test_a_managing_peer_of_another_uid_is_held_to_the_device_ranges(world
         assert "far" not in service.model.devices
     finally:
         await service.stop(grace=1.0)
+
+
+async def test_a_config_device_deleted_at_run_time_comes_back_with_a_reload(
+    service: Service, client: Client
+) -> None:
+    """device-del may remove a device of the config file too; a reload makes the
+    file's devices true again (the file, not the last reload, is what it applies)."""
+    await client.execute("device-del", {"name": "net0"})
+    assert "net0" not in service.model.devices
+    assert service.reload() == "reloaded"
+    assert lifetimes(await client.execute("query-adapters"))["net0"] == "persistent"
+    assert await client.execute("notify", {"device": "net0", "vector": 1}) == {"applied": 1}
