@@ -128,6 +128,12 @@ def test_the_snippet_command_explains_bad_input(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"indicators libvirt-snippet: {bad}: not UTF-8 text"), (
         result.stderr
     )
+    result = subprocess.run(  # the same through standard input
+        indicators_command("libvirt-snippet", "g", "--domain", "-"),
+        input=bad.read_bytes(), capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == b"", result.stderr
+    assert result.stderr.startswith(b"indicators libvirt-snippet: standard input: not UTF-8")
     result = subprocess.run(
         indicators_command("libvirt-snippet", "g", "--domain", str(tmp_path / "none.xml")),
         capture_output=True, text=True, timeout=TIMEOUT,

@@ -236,17 +236,18 @@ def _snippet_command(args: argparse.Namespace) -> int:
             sys.stdout.write(domain_snippet(args.name))
             return 0
         if args.domain == "-":
-            text = sys.stdin.read()
+            data = sys.stdin.buffer.read()
         else:
             with open(args.domain, "rb") as file:
                 data = file.read()
-            try:
-                text = data.decode()
-            except UnicodeDecodeError as exc:
-                where = f"{exc.reason} at byte {exc.start}"
-                raise ValueError(
-                    f"{args.domain}: not UTF-8 text ({where}): give the XML of virsh dumpxml"
-                ) from None
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as exc:
+            source = "standard input" if args.domain == "-" else args.domain
+            where = f"{exc.reason} at byte {exc.start}"
+            raise ValueError(
+                f"{source}: not UTF-8 text ({where}): give the XML of virsh dumpxml"
+            ) from None
         sys.stdout.write(merge_into(text, args.name))
     except (ValueError, LibvirtError) as exc:
         print(f"indicators libvirt-snippet: {exc}", file=sys.stderr)
