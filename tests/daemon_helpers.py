@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from qemu.qmp import QMPClient
 from indicators.config import parse_config
 from indicators.daemon.service import Service
 from indicators.guestmem import GuestMemory
-from indicators.memop import EmulatedBackend
+from indicators.memop import EmulatedBackend, MemopError
 
 TIMEOUT = 10.0
 MEMORY = 1 << 20
@@ -364,3 +365,18 @@ def memory_of(service: Service) -> GuestMemory:
     backend = service.wiring.backend
     assert isinstance(backend, EmulatedBackend)
     return backend.memory
+
+
+def writable(service: Service, gaddr: int, mask: int) -> bool:
+    """Whether the write guard lets ``mask`` at ``gaddr`` change (a real cmpxchg of
+    it, put back at once); a refusal must be the guard's EPERM."""
+    backend = service.engine.backend
+    old = backend.read(gaddr, 1)[0]
+    try:
+        backend.cmpxchg(gaddr, 1, old, old ^ mask)
+    except MemopError as exc:
+        assert exc.errno == errno.EPERM, exc
+        return False
+    backend.cmpxchg(gaddr, 1, old ^ mask, old)
+    return True
+

@@ -20,29 +20,19 @@ import os
 from typing import Any
 
 
-class FakeQemu:
-    """A QMP server at ``path`` that reports ``ram_path`` and ``skeys`` (page gaddr -> key)."""
+class UnixListener:
+    """A unix-socket server that can hang up on everyone and stop listening, and
+    listen again: what a killed and restarted QEMU looks like to its clients.
+    Subclasses serve each connection in ``_serve`` and keep its writers in
+    ``_writers``."""
 
-    def __init__(self, path: str, ram_path: str, skeys: dict[int, int] | None = None) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.ram_path = ram_path
-        self.skeys = dict(skeys or {})
-        #: dump-skeys commands answered so far
-        self.dumps = 0
-        self.connections = 0
         self._server: asyncio.AbstractServer | None = None
         self._writers: list[asyncio.StreamWriter] = []
-        self._dumped = asyncio.Condition()
-        #: RAM files it holds open and maps shared, as QEMU does (the daemon takes
-        #: the RAM only from a file QEMU really maps): path -> (fd, mapping)
-        self._held: dict[str, tuple[int, mmap.mmap]] = {}
 
-    def _hold(self, path: str) -> None:
-        if path in self._held:
-            return
-        with contextlib.suppress(OSError, ValueError):  # a missing or empty file: not mapped
-            fd = os.open(path, os.O_RDWR)
-            self._held[path] = (fd, mmap.mmap(fd, 0, mmap.MAP_SHARED))
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
     async def start(self) -> None:
         """Listen (again)."""
@@ -58,6 +48,29 @@ class FakeQemu:
         self._writers.clear()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+class FakeQemu(UnixListener):
+    """A QMP server at ``path`` that reports ``ram_path`` and ``skeys`` (page gaddr -> key)."""
+
+    def __init__(self, path: str, ram_path: str, skeys: dict[int, int] | None = None) -> None:
+        super().__init__(path)
+        self.ram_path = ram_path
+        self.skeys = dict(skeys or {})
+        #: dump-skeys commands answered so far
+        self.dumps = 0
+        self.connections = 0
+        self._dumped = asyncio.Condition()
+        #: RAM files it holds open and maps shared, as QEMU does (the daemon takes
+        #: the RAM only from a file QEMU really maps): path -> (fd, mapping)
+        self._held: dict[str, tuple[int, mmap.mmap]] = {}
+
+    def _hold(self, path: str) -> None:
+        if path in self._held:
+            return
+        with contextlib.suppress(OSError, ValueError):  # a missing or empty file: not mapped
+            fd = os.open(path, os.O_RDWR)
+            self._held[path] = (fd, mmap.mmap(fd, 0, mmap.MAP_SHARED))
 
     async def wait_dumps(self, count: int, timeout: float = 10.0) -> None:
         """Wait until ``count`` dump-skeys were answered in all (the timeout ends a hang)."""

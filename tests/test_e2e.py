@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_qemu import UnixListener
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from indicators.config import parse_config
@@ -643,17 +644,12 @@ def test_without_qemu_outside_tests_skip_or_fail_in_ci(
 # ------------------------------------------- the VMM link's faults (issue: hardening)
 
 
-class UnixProxy:
+class UnixProxy(UnixListener):
     """A unix-socket proxy in front of QEMU's QMP monitor that can be cut and restored."""
 
     def __init__(self, path: str, target: str) -> None:
-        self.path = path
+        super().__init__(path)
         self.target = target
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -671,17 +667,6 @@ class UnixProxy:
             sink.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        """Hang up every connection and stop listening (the socket file goes away)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 @pytest.mark.qemu

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,12 +18,11 @@ from typing import Any
 
 import pytest
 from attack_helpers import FakeQemu
-from daemon_helpers import TIMEOUT, bit_of, daemon_config, qmp_client, wait_until
+from daemon_helpers import TIMEOUT, bit_of, daemon_config, qmp_client, wait_until, writable
 from qemu.qmp import ExecuteError, QMPClient
 
 from indicators.config import parse_config
 from indicators.daemon.service import Service
-from indicators.memop import MemopError
 from indicators.testing.guest import GuestState
 from indicators.testing.rig import IndicatorsRig
 
@@ -128,19 +126,6 @@ async def start_service(tmp_path: Path, qmp: Path, **vmm: Any) -> Service:
     service = Service(parse_config(raw, "<test>"))
     await service.start()
     return service
-
-
-def writable(service: Service, gaddr: int, mask: int) -> bool:
-    """Whether the write guard lets ``mask`` at ``gaddr`` change."""
-    backend = service.engine.backend
-    old = backend.read(gaddr, 1)[0]
-    try:
-        backend.cmpxchg(gaddr, 1, old, old ^ mask)
-    except MemopError as exc:
-        assert exc.errno == errno.EPERM, exc
-        return False
-    backend.cmpxchg(gaddr, 1, old ^ mask, old)
-    return True
 
 
 async def test_a_managed_guest_reboot_drops_its_devices_before_the_vm_is_reset(

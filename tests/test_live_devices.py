@@ -8,7 +8,6 @@ processes under setpriv).
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import stat
 from pathlib import Path
@@ -27,13 +26,14 @@ from daemon_helpers import (
     qmp_client,
     start_service,
     wait_until,
+    writable,
     write_config,
 )
 from qemu.qmp import ExecuteError
 
 from indicators.config import ConfigError, parse_config
 from indicators.daemon.service import Service
-from indicators.memop import MemopBackend, MemopError
+from indicators.memop import MemopBackend
 from indicators.memop.base import TransientError
 
 #: Where the runtime devices of these tests put their bits (free in daemon_config's layout).
@@ -74,19 +74,6 @@ async def event(listener: Any, name: str) -> dict[str, Any]:
         got = await asyncio.wait_for(listener.get(), TIMEOUT)
         if got["event"] == name:
             return dict(got.get("data", {}))
-
-
-def writable(service: Service, gaddr: int, mask: int) -> bool:
-    """Whether the write guard lets ``mask`` at ``gaddr`` change (a real cmpxchg of it)."""
-    backend = service.engine.backend
-    old = backend.read(gaddr, 1)[0]
-    try:
-        backend.cmpxchg(gaddr, 1, old, old ^ mask)
-    except MemopError as exc:
-        assert exc.errno == errno.EPERM, exc
-        return False
-    backend.cmpxchg(gaddr, 1, old ^ mask, old)  # put it back
-    return True
 
 
 # ----------------------------------------------------------- add and delete
