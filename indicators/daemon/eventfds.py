@@ -157,6 +157,7 @@ class EventfdSources:
         """
         source = self._sources.get((device, vector))
         if source is None:
+            self.engine.check_target(device, vector)  # ValueError: say what is unknown
             raise EventfdError("it has no eventfd attached", device, vector)
         if (
             requester is not None

@@ -56,11 +56,6 @@ class PassedFds:
         self._stored: dict[str, int] = {}
         self._unclaimed: list[int] = []  # passed, waiting for the message they belong to
 
-    @property
-    def names(self) -> frozenset[str]:
-        """Names of the fds stored and not yet taken or closed."""
-        return frozenset(self._stored)
-
     def assign(self, completed: int, carried: list[int], partial: bool) -> list[list[int]]:
         """The fds of each of the ``completed`` messages of one chunk.
 

@@ -170,11 +170,6 @@ class QmpSession:
         """Whether the client has completed ``qmp_capabilities``."""
         return self._negotiated
 
-    @property
-    def fd_names(self) -> frozenset[str]:
-        """Names of the fds stored by ``getfd`` and not yet taken or closed."""
-        return self._passed.names
-
     def send_event(self, name: str, data: Mapping[str, object] | None = None) -> bool:
         """Queue an event for this client; False if it is not negotiated or is closing."""
         return self.send_encoded_event(encode(event_message(name, data, timestamp())))
